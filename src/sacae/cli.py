@@ -1,0 +1,77 @@
+"""The `sacae` command: `sacae train [flags]` and `sacae eval RUN_DIR`; a thin layer over importable functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+import tyro
+
+from sacae.config import TrainConfig
+from sacae.errors import SacaeError
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """Evaluate a run's latest (or a chosen) snapshot with the deterministic policy and write a video."""
+
+    run_dir: Annotated[str, tyro.conf.Positional]
+    """A training work dir (holding config.json and model/)."""
+    snapshot: str | None = None
+    """Snapshot file to load (default: the latest in RUN_DIR/model)."""
+    num_episodes: int | None = None
+    """Episodes to run (default: the run's --num_eval_episodes)."""
+    save_video: bool = True
+    """Write the first episode to RUN_DIR/video/eval_<env_steps>.mp4."""
+    device: str = "auto"
+    seed: int = 0
+    """Seed of the evaluation environment."""
+
+
+def train(cfg: TrainConfig) -> None:
+    from sacae.trainer import Trainer  # heavy imports (dm_control, torch) only once the flags are valid
+
+    Trainer(cfg).run()
+
+
+def evaluate(args: EvalArgs) -> None:
+    from sacae.trainer import evaluate_run
+
+    if args.num_episodes is not None and args.num_episodes < 1:
+        raise SacaeError(f"--num_episodes must be at least 1 (got {args.num_episodes}).")
+    result = evaluate_run(args.run_dir, args.snapshot, args.num_episodes, args.save_video, args.device, args.seed)
+    print(f"| eval | S: {result['env_steps']} | ER: {result['episode_reward']:.4f}")
+    print(json.dumps(result))
+
+
+def run_guarded(fn: Callable[[], None]) -> int:
+    """Run `fn`, turning a SacaeError into one sentence on stderr and exit status 2."""
+    try:
+        fn()
+    except SacaeError as e:
+        print(f"sacae: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("sacae: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = tyro.extras.subcommand_cli_from_dict(
+        {"train": TrainConfig, "eval": EvalArgs},
+        prog="sacae",
+        description="SAC+AE for the DeepMind Control Suite.",
+        args=argv,
+        use_underscores=True,
+    )
+    if isinstance(args, TrainConfig):
+        return run_guarded(lambda: train(args))
+    return run_guarded(lambda: evaluate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""DeepMind Control Suite tasks behind a Gymnasium-style API: rescaled actions, action repeat, frame stacking.
+
+Rendering is headless: unless the user chose a backend, MUJOCO_GL is set to egl (osmesa where EGL is missing)
+before dm_control is imported.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sacae.errors import SacaeError
+
+
+def _choose_gl_backend() -> None:
+    if "MUJOCO_GL" in os.environ:
+        return
+    if ctypes.util.find_library("EGL") is None and ctypes.util.find_library("OSMesa") is not None:
+        os.environ["MUJOCO_GL"] = "osmesa"
+    else:
+        os.environ["MUJOCO_GL"] = "egl"
+
+
+NO_RENDERER_HINT = (
+    "install EGL (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri) or OSMesa (libosmesa6) and set "
+    "MUJOCO_GL=egl or MUJOCO_GL=osmesa"
+)
+
+_choose_gl_backend()
+try:
+    from dm_control import suite  # must follow the choice of MUJOCO_GL
+except (ImportError, RuntimeError, OSError) as e:
+    raise SacaeError(
+        f"dm_control could not be loaded with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({e}); {NO_RENDERER_HINT}."
+    ) from None
+
+
+def all_task_names() -> list[str]:
+    return sorted(f"{domain}_{task}" for domain, task in suite.ALL_TASKS)
+
+
+def split_task_name(name: str, domain: str | None = None, task: str | None = None) -> tuple[str, str]:
+    """Turn 'ball_in_cup_catch' into ('ball_in_cup', 'catch'); raise SacaeError listing the valid tasks."""
+    if domain is not None and task is not None and (domain, task) in suite.ALL_TASKS:
+        return domain, task
+    if domain is None:
+        for d, t in suite.ALL_TASKS:
+            if f"{d}_{t}" == name:
+                return d, t
+    domains = sorted({d for d, _ in suite.ALL_TASKS})
+    if domain is not None and domain not in domains:
+        raise SacaeError(f"Unknown dm_control domain '{domain}'; valid domains: {', '.join(domains)}.")
+    if domain is not None:
+        tasks = sorted(t for d, t in suite.ALL_TASKS if d == domain)
+        raise SacaeError(f"Unknown task '{task}' for domain '{domain}'; valid tasks: {', '.join(tasks)}.")
+    raise SacaeError(f"Unknown dm_control task '{name}'; valid tasks: {', '.join(all_task_names())}.")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    action_dim: int
+    frame_shape: tuple[int, ...]
+
+
+class DMCEnv:
+    """One dm_control task with actions in [-1, 1], action repeat and pixel or state observations.
+
+    `reset(seed=) -> obs, info`; `step(action) -> obs, reward, terminated, truncated, info`. The suite's time limit
+    is a truncation (the critic keeps bootstrapping through it); only a task's own termination is `terminated`.
+    Pixel observations are uint8, channels first, the last `frame_stack` renders stacked along channels.
+    """
+
+    def __init__(
+        self,
+        domain_name: str,
+        task_name: str,
+        *,
+        seed: int,
+        pixels: bool = True,
+        image_size: int = 84,
+        action_repeat: int = 1,
+        frame_stack: int = 3,
+        camera_id: int | None = None,
+    ):
+        split_task_name(f"{domain_name}_{task_name}", domain_name, task_name)
+        self._env = suite.load(domain_name, task_name, task_kwargs={"random": seed})
+        self.domain_name, self.task_name = domain_name, task_name
+        self.pixels = pixels
+        self.image_size = image_size
+        self.action_repeat = action_repeat
+        self.frame_stack = frame_stack if pixels else 1
+        self.camera_id = (2 if domain_name == "quadruped" else 0) if camera_id is None else camera_id
+        spec = self._env.action_spec()
+        self._action_low = spec.minimum.astype(np.float64)
+        self._action_high = spec.maximum.astype(np.float64)
+        self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)
+        if pixels:
+            frame = self._render_checked()
+            self.spec = EnvSpec(
+                (3 * self.frame_stack, *frame.shape[1:]), np.dtype(np.uint8), spec.shape[0], frame.shape
+            )
+        else:
+            dim = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
+            self.spec = EnvSpec((dim,), np.dtype(np.float32), spec.shape[0], (dim,))
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def physics(self):
+        return self._env.physics
+
+    @property
+    def task_random(self) -> np.random.RandomState:
+        return self._env.task.random
+
+    def render(self, height: int | None = None, width: int | None = None) -> np.ndarray:
+        """An RGB image (H, W, 3) of the observation camera."""
+        return self.physics.render(height or self.image_size, width or self.image_size, camera_id=self.camera_id)
+
+    def _render_checked(self) -> np.ndarray:
+        try:
+            return self._frame()
+        except Exception as e:  # dm_control raises several types when no GL context can be made
+            backend = os.environ.get("MUJOCO_GL", "?")
+            raise SacaeError(
+                f"MuJoCo could not render with MUJOCO_GL={backend} ({type(e).__name__}: {e}); {NO_RENDERER_HINT}."
+            ) from None
+
+    def _frame(self) -> np.ndarray:
+        return np.ascontiguousarray(self.render().transpose(2, 0, 1))
+
+    def _observe(self, time_step) -> np.ndarray:
+        if not self.pixels:
+            return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in time_step.observation.values()])
+        self._frames.append(self._frame())
+        return np.concatenate(self._frames, axis=0)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        if seed is not None:
+            self.task_random.seed(seed)
+        time_step = self._env.reset()
+        if self.pixels:
+            first = self._frame()
+            self._frames.extend([first] * self.frame_stack)
+            obs = np.concatenate(self._frames, axis=0)
+        else:
+            obs = self._observe(time_step)
+        return obs, {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != self._action_low.shape:
+            raise ValueError(f"action has shape {action.shape}, expected {self._action_low.shape}")
+        scaled = self._action_low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (self._action_high - self._action_low)
+        reward = 0.0
+        time_step = None
+        for _ in range(self.action_repeat):
+            time_step = self._env.step(scaled)
+            reward += time_step.reward or 0.0
+            if time_step.last():
+                break
+        last = time_step.last()
+        terminated = bool(last and time_step.discount == 0.0)
+        truncated = bool(last and not terminated)
+        return self._observe(time_step), float(reward), terminated, truncated, {}
+
+    def sample_action(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.uniform(-1.0, 1.0, size=self.spec.action_dim).astype(np.float32)
+
+    def close(self) -> None:
+        self._env.close()
+
+
+def make_env(cfg, seed: int) -> DMCEnv:
+    """The environment a TrainConfig describes."""
+    return DMCEnv(
+        cfg.domain_name,
+        cfg.task_name,
+        seed=seed,
+        pixels=cfg.pixels,
+        image_size=cfg.image_size,
+        action_repeat=cfg.action_repeat,
+        frame_stack=cfg.frame_stack,
+    )

@@ -1,0 +1,184 @@
+"""Encoder, decoder, actor and critic networks of SAC+AE, with the initialisation of ALGORITHM.md."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sacae.config import conv_output_size
+
+
+def weight_init(m: nn.Module) -> None:
+    """Linear: orthogonal, bias 0. Conv and transposed conv: delta-orthogonal with ReLU gain, bias 0."""
+    if isinstance(m, nn.Linear):
+        nn.init.orthogonal_(m.weight.data)
+        m.bias.data.fill_(0.0)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        assert m.weight.size(2) == m.weight.size(3)
+        m.weight.data.fill_(0.0)
+        m.bias.data.fill_(0.0)
+        mid = m.weight.size(2) // 2
+        nn.init.orthogonal_(m.weight.data[:, :, mid, mid], nn.init.calculate_gain("relu"))
+
+
+class PixelEncoder(nn.Module):
+    """uint8 images -> conv stack -> Linear -> LayerNorm -> tanh features.
+
+    `forward_conv` and `head` are exposed separately so that one conv pass can serve several heads: the actor
+    shares the critic's conv layers (the same Parameter objects) but has its own Linear and LayerNorm.
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], feature_dim: int, num_layers: int = 4, num_filters: int = 32):
+        super().__init__()
+        channels, size = obs_shape[0], obs_shape[-1]
+        self.feature_dim = feature_dim
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(channels, num_filters, 3, stride=2)]
+            + [nn.Conv2d(num_filters, num_filters, 3, stride=1) for _ in range(num_layers - 1)]
+        )
+        self.conv_side = conv_output_size(size, num_layers)
+        self.fc = nn.Linear(num_filters * self.conv_side * self.conv_side, feature_dim)
+        self.ln = nn.LayerNorm(feature_dim)
+
+    def forward_conv(self, obs: torch.Tensor) -> torch.Tensor:
+        h = obs.float() / 255.0
+        for conv in self.convs:
+            h = torch.relu(conv(h))
+        return h.flatten(1)
+
+    def head(self, conv: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.ln(self.fc(conv)))
+
+    def forward(self, obs: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        conv = self.forward_conv(obs)
+        return self.head(conv.detach() if detach else conv)
+
+
+class IdentityEncoder(nn.Module):
+    """State vectors are their own features."""
+
+    def __init__(self, obs_shape: tuple[int, ...], feature_dim: int | None = None, *_, **__):
+        super().__init__()
+        self.feature_dim = obs_shape[0]
+
+    def forward_conv(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs
+
+    def head(self, conv: torch.Tensor) -> torch.Tensor:
+        return conv
+
+    def forward(self, obs: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        return obs
+
+
+def make_encoder(encoder_type: str, obs_shape, feature_dim: int, num_layers: int, num_filters: int) -> nn.Module:
+    if encoder_type == "pixel":
+        return PixelEncoder(obs_shape, feature_dim, num_layers, num_filters)
+    return IdentityEncoder(obs_shape)
+
+
+class PixelDecoder(nn.Module):
+    """Features -> Linear -> ReLU -> transposed convs back to the observation's shape (no output activation)."""
+
+    def __init__(self, obs_shape: tuple[int, ...], feature_dim: int, num_layers: int = 4, num_filters: int = 32):
+        super().__init__()
+        channels, size = obs_shape[0], obs_shape[-1]
+        self.num_filters = num_filters
+        self.side = conv_output_size(size, num_layers)
+        self.fc = nn.Linear(feature_dim, num_filters * self.side * self.side)
+        # The stride-2 layer must give back exactly `size`, odd or even.
+        output_padding = (size - 3) % 2
+        self.deconvs = nn.ModuleList(
+            [nn.ConvTranspose2d(num_filters, num_filters, 3, stride=1) for _ in range(num_layers - 1)]
+            + [nn.ConvTranspose2d(num_filters, channels, 3, stride=2, output_padding=output_padding)]
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc(h)).view(-1, self.num_filters, self.side, self.side)
+        for deconv in self.deconvs[:-1]:
+            x = torch.relu(deconv(x))
+        return self.deconvs[-1](x)
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.ReLU(),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.ReLU(),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+def gaussian_logprob(noise: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    residual = (-0.5 * noise.pow(2) - log_std).sum(-1, keepdim=True)
+    return residual - 0.5 * math.log(2 * math.pi) * noise.size(-1)
+
+
+def squash(mu: torch.Tensor, pi: torch.Tensor, log_pi: torch.Tensor | None):
+    """tanh-squash the mean and sample and correct the log-probability for the change of variables."""
+    mu = torch.tanh(mu)
+    pi = torch.tanh(pi)
+    if log_pi is not None:
+        log_pi = log_pi - torch.log(F.relu(1 - pi.pow(2)) + 1e-6).sum(-1, keepdim=True)
+    return mu, pi, log_pi
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy on encoder features."""
+
+    def __init__(self, encoder: nn.Module, action_dim: int, hidden_dim: int, log_std_min: float, log_std_max: float):
+        super().__init__()
+        self.encoder = encoder
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        self.trunk = mlp(encoder.feature_dim, hidden_dim, 2 * action_dim)
+
+    def policy(self, features: torch.Tensor, compute_pi: bool = True, compute_log_pi: bool = True):
+        """(tanh(mu), tanh(pi), log_pi, log_std) from features; pi uses the global torch RNG."""
+        mu, log_std = self.trunk(features).chunk(2, dim=-1)
+        log_std = torch.tanh(log_std)
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
+        if not compute_pi:
+            return torch.tanh(mu), None, None, log_std
+        noise = torch.randn_like(mu)
+        pi = mu + noise * log_std.exp()
+        log_pi = gaussian_logprob(noise, log_std) if compute_log_pi else None
+        mu, pi, log_pi = squash(mu, pi, log_pi)
+        return mu, pi, log_pi, log_std
+
+    def forward(
+        self,
+        obs: torch.Tensor,
+        compute_pi: bool = True,
+        compute_log_pi: bool = True,
+        detach_encoder: bool = False,
+    ):
+        return self.policy(self.encoder(obs, detach=detach_encoder), compute_pi, compute_log_pi)
+
+
+class QFunction(nn.Module):
+    def __init__(self, feature_dim: int, action_dim: int, hidden_dim: int):
+        super().__init__()
+        self.trunk = mlp(feature_dim + action_dim, hidden_dim, 1)
+
+    def forward(self, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.trunk(torch.cat([features, action], dim=1))
+
+
+class Critic(nn.Module):
+    """Encoder and two Q heads."""
+
+    def __init__(self, encoder: nn.Module, action_dim: int, hidden_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.Q1 = QFunction(encoder.feature_dim, action_dim, hidden_dim)
+        self.Q2 = QFunction(encoder.feature_dim, action_dim, hidden_dim)
+
+    def q(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.Q1(features, action), self.Q2(features, action)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor, detach_encoder: bool = False):
+        return self.q(self.encoder(obs, detach=detach_encoder), action)

@@ -1,0 +1,166 @@
+"""Replay buffer that stores each observation frame once and rebuilds frame stacks from indices when sampling.
+
+An episode of N transitions has N + 1 frames f_0..f_N. Transition t of the episode holds the global number g of
+its frame f_t; its observation stacks frames g-k+1..g and its next observation g-k+2..g+1, where indices before the
+episode's first frame are clamped to it (the reset frame fills the stack). Frames live in a ring of slots sized
+so that every frame a live transition needs is still there; transitions live in their own ring of `capacity`
+and are sampled uniformly, as in the authors' release.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class Batch(NamedTuple):
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    next_obs: torch.Tensor
+    not_done: torch.Tensor
+
+
+class ReplayBuffer:
+    """Uniform replay over transitions of stacked frames (pixels) or state vectors (frame_stack 1)."""
+
+    def __init__(
+        self,
+        frame_shape: tuple[int, ...],
+        frame_dtype: np.dtype | torch.dtype,
+        action_dim: int,
+        capacity: int,
+        frame_stack: int = 1,
+        episode_length: int = 1000,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ):
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.frame_shape = tuple(frame_shape)
+        self.frame_stack = frame_stack
+        self.capacity = capacity
+        self.action_dim = action_dim
+        self.device = torch.device(device)
+        torch_dtype = frame_dtype if isinstance(frame_dtype, torch.dtype) else _TORCH_DTYPE[np.dtype(frame_dtype)]
+        # Each episode adds one frame more than it has transitions, and the oldest live transition may look back
+        # frame_stack - 1 frames: size the frame ring so those frames are never overwritten while in use.
+        self.num_slots = capacity + math.ceil(capacity / max(1, episode_length)) + frame_stack + 1
+        self.frames = torch.empty((self.num_slots, *self.frame_shape), dtype=torch_dtype)
+        self.frame_no = np.zeros(capacity, dtype=np.int64)  # global number of the transition's frame f_t
+        self.step_in_episode = np.zeros(capacity, dtype=np.int16)  # t, capped at frame_stack - 1
+        self.actions = np.zeros((capacity, action_dim), dtype=np.float32)
+        self.rewards = np.zeros((capacity, 1), dtype=np.float32)
+        self.not_dones = np.zeros((capacity, 1), dtype=np.float32)
+        self.rng = np.random.default_rng(seed)
+        self.idx = 0  # next transition slot
+        self.full = False
+        self.frames_written = 0  # global number of the next frame
+        self._current_t = -1  # step in episode of the newest frame; -1 before the first episode
+
+    # ---------------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.capacity if self.full else self.idx
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held when the buffer is full."""
+        arrays = (self.frame_no, self.step_in_episode, self.actions, self.rewards, self.not_dones)
+        return self.frames.element_size() * self.frames.numel() + sum(a.nbytes for a in arrays)
+
+    @property
+    def bytes_per_transition(self) -> float:
+        return self.nbytes / self.capacity
+
+    @staticmethod
+    def estimate_bytes(
+        frame_shape,
+        frame_itemsize: int,
+        action_dim: int,
+        capacity: int,
+        frame_stack: int,
+        episode_length: int,
+    ) -> int:
+        """Bytes a full buffer of this shape holds, without allocating it."""
+        slots = capacity + math.ceil(capacity / max(1, episode_length)) + frame_stack + 1
+        per_transition = 8 + 2 + 4 * action_dim + 4 + 4
+        return slots * int(np.prod(frame_shape)) * frame_itemsize + capacity * per_transition
+
+    def _write_frame(self, frame: np.ndarray) -> None:
+        self.frames[self.frames_written % self.num_slots] = torch.from_numpy(np.ascontiguousarray(frame))
+        self.frames_written += 1
+
+    def _newest_frame(self, obs: np.ndarray) -> np.ndarray:
+        # A stacked observation is frame_stack frames along the first axis; the newest is the last one.
+        channels = self.frame_shape[0]
+        return obs[-channels:] if self.frame_stack > 1 else obs
+
+    # ---------------------------------------------------------------------------------------------------------
+    def start_episode(self, obs: np.ndarray) -> None:
+        """Record the first observation of an episode."""
+        self._write_frame(self._newest_frame(obs))
+        self._current_t = 0
+
+    def add(self, action: np.ndarray, reward: float, next_obs: np.ndarray, not_done: float) -> None:
+        """Record the transition from the newest observation with `action` to `next_obs`."""
+        if self._current_t < 0:
+            raise RuntimeError("start_episode must be called before add")
+        i = self.idx
+        self.frame_no[i] = self.frames_written - 1
+        self.step_in_episode[i] = min(self._current_t, self.frame_stack - 1)
+        self.actions[i] = action
+        self.rewards[i, 0] = reward
+        self.not_dones[i, 0] = not_done
+        self._write_frame(self._newest_frame(next_obs))
+        self._current_t += 1
+        self.idx = (i + 1) % self.capacity
+        self.full = self.full or self.idx == 0
+
+    # ---------------------------------------------------------------------------------------------------------
+    def sample_indices(self, batch_size: int) -> np.ndarray:
+        size = len(self)
+        if size == 0:
+            raise RuntimeError("cannot sample from an empty replay buffer")
+        idx = self.rng.integers(0, size, size=batch_size)
+        # Early terminations could make episodes shorter than the ring was sized for; then the oldest transitions'
+        # frames may be gone. Redraw those (never happens with dm_control's fixed-length episodes).
+        oldest_frame = self.frames_written - self.num_slots
+        stale = self.frame_no[idx] - self.step_in_episode[idx] < oldest_frame
+        while stale.any():
+            idx[stale] = self.rng.integers(0, size, size=int(stale.sum()))
+            stale = self.frame_no[idx] - self.step_in_episode[idx] < oldest_frame
+        return idx
+
+    def gather(self, idx: np.ndarray) -> Batch:
+        """The transitions at `idx`, stacks rebuilt, as tensors on the buffer's device."""
+        k = self.frame_stack
+        g = self.frame_no[idx]
+        # Frames g-k+1 .. g+1 serve both stacks: obs is the first k of them, next_obs the last k.
+        offsets = np.arange(-k + 1, 2)
+        first_of_episode = g - self.step_in_episode[idx]
+        frame_ids = np.maximum(g[:, None] + offsets[None, :], first_of_episode[:, None])
+        slots = torch.from_numpy(frame_ids % self.num_slots)
+        window = self.frames[slots]  # (B, k + 1, *frame_shape)
+        if k > 1:
+            b = window.shape[0]
+            obs = window[:, :k].reshape(b, -1, *self.frame_shape[1:])
+            next_obs = window[:, 1:].reshape(b, -1, *self.frame_shape[1:])
+        else:
+            obs, next_obs = window[:, 0], window[:, 1]
+        dev = self.device
+        return Batch(
+            obs.to(dev, non_blocking=True),
+            torch.from_numpy(self.actions[idx]).to(dev, non_blocking=True),
+            torch.from_numpy(self.rewards[idx]).to(dev, non_blocking=True),
+            next_obs.to(dev, non_blocking=True),
+            torch.from_numpy(self.not_dones[idx]).to(dev, non_blocking=True),
+        )
+
+    def sample(self, batch_size: int) -> Batch:
+        return self.gather(self.sample_indices(batch_size))
+
+
+_TORCH_DTYPE = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}

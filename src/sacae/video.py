@@ -1,0 +1,70 @@
+"""Evaluation videos: H.264 MP4 files (yuv420p, so browsers play them) written through imageio-ffmpeg."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+
+from sacae.storage import atomic_path
+
+
+class VideoRecorder:
+    """Collects frames of one episode and writes them to `<folder>/<name>.mp4` when saved."""
+
+    def __init__(self, folder: str | Path | None, size: int = 256, fps: int = 30):
+        self.folder = Path(folder) if folder is not None else None
+        self.size = size
+        self.fps = fps
+        self.frames: list[np.ndarray] = []
+        self.enabled = False
+
+    def init(self) -> None:
+        self.frames = []
+        self.enabled = self.folder is not None
+
+    def record(self, env) -> None:
+        if self.enabled:
+            self.frames.append(env.render(self.size, self.size))
+
+    def save(self, name: str) -> Path | None:
+        if not self.enabled or not self.frames:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name}.mp4"
+        with atomic_path(path) as tmp:
+            writer = imageio.get_writer(
+                tmp,
+                format="FFMPEG",
+                mode="I",
+                fps=self.fps,
+                codec="libx264",
+                pixelformat="yuv420p",
+                macro_block_size=16,
+                ffmpeg_log_level="error",
+                output_params=["-f", "mp4"],
+            )
+            for frame in self.frames:
+                writer.append_data(frame)
+            writer.close()
+        self.frames = []
+        return path
+
+
+def video_codec(path: str | Path) -> str:
+    """The codec name ffmpeg reports for the file's first video stream (used by tests and `sacae eval`)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    out = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", os.fspath(path)],
+        capture_output=True,
+        text=True,
+    ).stderr
+    for line in out.splitlines():
+        if "Video:" in line:
+            return line.split("Video:")[1].strip().split()[0]
+    return ""
