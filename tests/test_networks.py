@@ -19,6 +19,15 @@ CPU = torch.device("cpu")
 RELU_GAIN = math.sqrt(2.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These networks are tiny: one thread is as fast, and immune to OpenMP spinning on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def random_images(batch, size, channels=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, generator=g)
@@ -78,8 +87,9 @@ def test_encoder_output_is_tanh_of_layernorm_of_fc_of_flattened_convs():
     assert torch.allclose(enc(obs).double(), x, atol=1e-5)
 
 
-@pytest.mark.parametrize("size", [64, 65, 84, 85, 100])
-@pytest.mark.parametrize("num_layers", [1, 2, 4, 5])
+@pytest.mark.parametrize(
+    ("size", "num_layers"), [(64, 4), (65, 4), (100, 4), (85, 4), (84, 1), (65, 2), (100, 5), (64, 3)]
+)
 def test_conv_side_follows_the_formula_and_decoder_gives_back_the_input_size(size, num_layers):
     expected_side = (size - 3) // 2 + 1 - 2 * (num_layers - 1)
     enc = PixelEncoder((9, size, size), 6, num_layers=num_layers, num_filters=4)
@@ -115,8 +125,6 @@ def test_default_decoder_is_the_papers_35_to_84_stack():
     h = torch.tanh(torch.randn(2, 50))
     out = dec(h)
     assert out.shape == (2, 9, 84, 84)
-    # No output activation: with a random (non-zero-init) last layer the output takes negative values.
-    assert (out < 0).any() or (out > 0).any()
 
 
 def test_decoder_has_no_output_activation():

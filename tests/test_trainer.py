@@ -4,7 +4,6 @@ import json
 import re
 
 import numpy as np
-import pytest
 import torch
 
 from sacae.config import TrainConfig

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,8 @@ from sacae.errors import SacaeError
 
 
 def _choose_gl_backend() -> None:
-    if "MUJOCO_GL" in os.environ:
-        return
+    if "MUJOCO_GL" in os.environ or "dm_control._render" in sys.modules:
+        return  # the user's choice, or dm_control already chose when it was imported
     if ctypes.util.find_library("EGL") is None and ctypes.util.find_library("OSMesa") is not None:
         os.environ["MUJOCO_GL"] = "osmesa"
     else:
@@ -38,6 +39,17 @@ except (ImportError, RuntimeError, OSError) as e:
     raise SacaeError(
         f"dm_control could not be loaded with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({e}); {NO_RENDERER_HINT}."
     ) from None
+
+
+def _backend_in_use() -> str:
+    """The rendering backend dm_control really uses (fixed when dm_control._render was first imported)."""
+    backend = getattr(sys.modules.get("dm_control._render"), "BACKEND", None)
+    if backend is not None and backend != os.environ.get("MUJOCO_GL"):
+        return (
+            f"the {backend} backend (dm_control was imported before sacae.envs with MUJOCO_GL unset: set "
+            f"MUJOCO_GL=egl before importing it)"
+        )
+    return f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}"
 
 
 def all_task_names() -> list[str]:
@@ -127,9 +139,8 @@ class DMCEnv:
         try:
             return self._frame()
         except Exception as e:  # dm_control raises several types when no GL context can be made
-            backend = os.environ.get("MUJOCO_GL", "?")
             raise SacaeError(
-                f"MuJoCo could not render with MUJOCO_GL={backend} ({type(e).__name__}: {e}); {NO_RENDERER_HINT}."
+                f"MuJoCo could not render with {_backend_in_use()} ({type(e).__name__}: {e}); {NO_RENDERER_HINT}."
             ) from None
 
     def _frame(self) -> np.ndarray:
