@@ -1,4 +1,4 @@
-"""The `sacae` command: `sacae train [flags]` and `sacae eval RUN_DIR`; a thin layer over importable functions."""
+"""The `sacae` command (train, eval, bench): a thin layer over functions a user can import."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated
 
 import tyro
 
+from sacae.bench import BenchArgs
 from sacae.config import TrainConfig
 from sacae.errors import SacaeError
 
@@ -62,7 +63,7 @@ def run_guarded(fn: Callable[[], None]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.extras.subcommand_cli_from_dict(
-        {"train": TrainConfig, "eval": EvalArgs},
+        {"train": TrainConfig, "eval": EvalArgs, "bench": BenchArgs},
         prog="sacae",
         description="SAC+AE for the DeepMind Control Suite.",
         args=argv,
@@ -70,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if isinstance(args, TrainConfig):
         return run_guarded(lambda: train(args))
+    if isinstance(args, BenchArgs):
+        from sacae.bench import bench
+
+        return run_guarded(lambda: bench(args))
     return run_guarded(lambda: evaluate(args))
 
 

@@ -13,6 +13,12 @@ import torch
 from sacae.errors import SacaeError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -31,6 +37,7 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     # The temporary name keeps the extension: some writers (ffmpeg) choose the format from it.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the user's usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f:

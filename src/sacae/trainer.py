@@ -165,6 +165,10 @@ class Trainer:
         self.agent_steps = 0
         self.episode = 0
         self.progress = None
+        # The episode in progress (obs is None between episodes) and the evaluation clock.
+        self.obs = None
+        self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
+        self.last_eval: int | None = None
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -206,48 +210,47 @@ class Trainer:
         if not self.progress.disable:
             self.logger.console_write = lambda line: tqdm.write(line, file=sys.stdout)
         try:
-            self._loop()
+            while self.agent_steps < cfg.num_train_steps:
+                self.step()
+            if self.last_eval != self.agent_steps:
+                self.evaluate()
         finally:
             self.progress.close()
             self.logger.close()
 
-    def _loop(self) -> None:
+    def step(self) -> None:
+        """One agent step of the schedule: evaluate if due, start an episode if needed, pick a_t, run the
+        update(s) of step t, step the environment with a_t and store the transition."""
         cfg = self.cfg
-        obs = None
-        episode_reward, episode_start, eval_seconds = 0.0, time.time(), 0.0
-        last_eval = None
-        while self.agent_steps < cfg.num_train_steps:
-            if self.agent_steps % cfg.eval_freq == 0:
-                t0 = time.time()
-                self.evaluate()
-                eval_seconds += time.time() - t0
-                last_eval = self.agent_steps
-            if obs is None:
-                obs, _ = self.env.reset()
-                self.replay.start_episode(obs)
-                episode_reward, episode_start, eval_seconds = 0.0, time.time(), 0.0
-                self.episode += 1
+        if self.agent_steps % cfg.eval_freq == 0 and self.last_eval != self.agent_steps:
+            t0 = time.time()
+            self.evaluate()
+            self.eval_seconds += time.time() - t0
+        if self.obs is None:
+            self.obs, _ = self.env.reset()
+            self.replay.start_episode(self.obs)
+            self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
+            self.episode += 1
 
-            if self.agent_steps < cfg.init_steps:
-                action = self.env.sample_action(self.action_rng)
-            else:
-                action = self.agent.act(obs, sample=True)
-            self._run_updates(self.updates_at(self.agent_steps))
+        if self.agent_steps < cfg.init_steps:
+            action = self.env.sample_action(self.action_rng)
+        else:
+            action = self.agent.act(self.obs, sample=True)
+        self._run_updates(self.updates_at(self.agent_steps))
 
-            next_obs, reward, terminated, truncated, _ = self.env.step(action)
-            episode_reward += reward
-            # The time limit is a truncation: keep bootstrapping through it (not_done = 1).
-            self.replay.add(action, reward, next_obs, 0.0 if terminated else 1.0)
-            obs = next_obs
-            self.agent_steps += 1
+        next_obs, reward, terminated, truncated, _ = self.env.step(action)
+        self.episode_reward += reward
+        # The time limit is a truncation: keep bootstrapping through it (not_done = 1).
+        self.replay.add(action, reward, next_obs, 0.0 if terminated else 1.0)
+        self.obs = next_obs
+        self.agent_steps += 1
+        if self.progress is not None:
             self.progress.update(cfg.action_repeat)
 
-            if terminated or truncated:
-                duration = time.time() - episode_start - eval_seconds
-                self._log_train_episode(episode_reward, duration)
-                obs = None
-        if last_eval != self.agent_steps:
-            self.evaluate()
+        if terminated or truncated:
+            duration = time.time() - self.episode_start - self.eval_seconds
+            self._log_train_episode(self.episode_reward, duration)
+            self.obs = None
 
     def _run_updates(self, n: int) -> None:
         if n == 0:
@@ -286,6 +289,7 @@ class Trainer:
     def evaluate(self) -> None:
         cfg = self.cfg
         start = time.time()
+        self.last_eval = self.agent_steps
         video = self.video if cfg.save_video else None
         returns = evaluate_agent(
             self.agent,
