@@ -120,11 +120,13 @@ def test_same_seed_same_run(tmp_path):
     assert logs[0] == logs[1]
 
 
-# Measured on 2 cores (see the foundation issue's note): random actions give eval returns of 0-30 on
-# cartpole_swingup; state SAC at action repeat 8 passes 200 within 24k environment steps.
+# Measured on 2 cores (`sacae train --task cartpole_swingup --encoder_type identity --decoder_type identity
+# --action_repeat 8 --num_train_steps 3000 --init_steps 500 --eval_freq 500 --num_eval_episodes 5 --seed 1`, ~3 min):
+# uniformly random actions return 146 +- 79 (max 342 over 20 episodes), the untrained deterministic policy 4;
+# the evaluations at 20k and 24k environment steps returned 519 and 732.
 LEARNING_TASK = "cartpole_swingup"
 LEARNING_STEPS = 3000
-LEARNING_THRESHOLD = 200.0
+LEARNING_THRESHOLD = 400.0
 
 
 def test_sac_states_learns(tmp_path):
