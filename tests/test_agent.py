@@ -15,6 +15,7 @@ from torch import nn
 
 from sacae.agent import SacAeAgent
 from sacae.config import TrainConfig
+from sacae.reference import reference_update
 from sacae.replay import Batch
 
 CPU = torch.device("cpu")
@@ -378,62 +379,6 @@ def test_target_encoder_follows_the_critic_before_the_autoencoder_step():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Exactness against a plain reference update in the style of the authors' release
-
-
-def reference_update(agent, batch, step):
-    """One SAC+AE update written out plainly, on `agent`'s networks and optimizers; returns its losses."""
-    obs, action, reward, next_obs, not_done = batch
-    losses = {}
-    # critic
-    with torch.no_grad():
-        _, policy_action, log_pi, _ = agent.actor(next_obs)
-        target_q1, target_q2 = agent.critic_target(next_obs, policy_action)
-        target_v = torch.min(target_q1, target_q2) - agent.log_alpha.exp().detach() * log_pi
-        target_q = reward + not_done * DISCOUNT * target_v
-    current_q1, current_q2 = agent.critic(obs, action)
-    critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
-    agent.critic_optimizer.zero_grad()
-    critic_loss.backward()
-    agent.critic_optimizer.step()
-    losses["critic_loss"] = critic_loss.item()
-    # actor and temperature
-    if step % 2 == 0:
-        _, pi, log_pi, _ = agent.actor(obs, detach_encoder=True)
-        actor_q1, actor_q2 = agent.critic(obs, pi, detach_encoder=True)
-        actor_loss = (agent.log_alpha.exp().detach() * log_pi - torch.min(actor_q1, actor_q2)).mean()
-        agent.actor_optimizer.zero_grad()
-        actor_loss.backward()
-        agent.actor_optimizer.step()
-        agent.log_alpha_optimizer.zero_grad()
-        alpha_loss = (agent.log_alpha.exp() * (-log_pi - (-ACTION_DIM)).detach()).mean()
-        alpha_loss.backward()
-        agent.log_alpha_optimizer.step()
-        losses["actor_loss"] = actor_loss.item()
-        losses["alpha_loss"] = alpha_loss.item()
-    # target critic
-    if step % 2 == 0:
-        for net, target_net, tau in (
-            (agent.critic.Q1, agent.critic_target.Q1, CRITIC_TAU),
-            (agent.critic.Q2, agent.critic_target.Q2, CRITIC_TAU),
-            (agent.critic.encoder, agent.critic_target.encoder, ENCODER_TAU),
-        ):
-            for param, target_param in zip(net.parameters(), target_net.parameters(), strict=True):
-                target_param.data.copy_(tau * param.data + (1 - tau) * target_param.data)
-    # autoencoder
-    if agent.decoder is not None:
-        h = agent.critic.encoder(obs)
-        target_obs = torch.floor(obs.float() / 8) / 32
-        target_obs = target_obs + torch.rand_like(target_obs) / 32 - 0.5
-        rec_loss = F.mse_loss(agent.decoder(h), target_obs)
-        loss = rec_loss + LATENT_LAMBDA * (0.5 * h.pow(2).sum(1)).mean()
-        agent.encoder_optimizer.zero_grad()
-        agent.decoder_optimizer.zero_grad()
-        loss.backward()
-        agent.encoder_optimizer.step()
-        agent.decoder_optimizer.step()
-        losses["ae_loss"] = rec_loss.item()
-        losses["ae_total_loss"] = loss.item()
-    return losses
 
 
 def all_parameters(agent):

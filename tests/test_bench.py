@@ -18,6 +18,7 @@ def test_bench_prints_a_table_and_a_json_line(capsys):
     for name, s in result["update"].items():
         assert s["n"] == 3 and 0 < s["min_s"] <= s["median_s"] <= s["max_s"], name
         assert f"update {name} (s)" in table
+    assert result["update_reference"]["sac_ae"]["n"] == 3 and "authors' style" in table and "speed-up" in table
     assert result["env"]["step"]["n"] == 3 and result["env"]["render"]["median_s"] > 0
     assert result["env"]["action_repeat"] == 8
     assert result["train"]["agent_steps_per_s"] > 0

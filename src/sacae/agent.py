@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sacae.config import TrainConfig
-from sacae.networks import Actor, Critic, PixelDecoder, make_encoder, weight_init
+from sacae.networks import MEMORY_FORMAT, Actor, Critic, PixelDecoder, make_encoder, weight_init
 from sacae.replay import Batch
 
 METRIC_NAMES = ("batch_reward", "critic_loss", "actor_loss", "alpha_loss", "alpha", "entropy", "ae_loss")
@@ -105,7 +105,7 @@ class SacAeAgent:
     # ---------------------------------------------------------------------------------------------------------
     def to(self, device: torch.device) -> SacAeAgent:
         for net in self.networks().values():
-            net.to(device)
+            net.to(device, memory_format=MEMORY_FORMAT)
         self.log_alpha = self.log_alpha.to(device).requires_grad_(True)
         return self
 

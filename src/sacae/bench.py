@@ -51,6 +51,8 @@ class BenchArgs:
     num_filters: int = 32
     image_size: int = 84
     seed: int = 1
+    reference: bool = True
+    """Also time the authors'-style update of sac_ae (sacae.reference, NCHW tensors) as the baseline."""
 
 
 def _summary(seconds: list[float]) -> dict[str, float]:
@@ -73,8 +75,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_updates(args: BenchArgs, configuration: str) -> dict:
-    """Seconds per update, replay sampling included, on a buffer of random frames of the real shapes."""
+def time_updates(args: BenchArgs, configuration: str, reference: bool = False) -> dict:
+    """Seconds per update, replay sampling included, on a buffer of random frames of the real shapes; with
+    `reference`, of the authors'-style update on the same networks in the usual NCHW layout instead."""
     from sacae.agent import SacAeAgent
     from sacae.envs import make_env
     from sacae.replay import ReplayBuffer
@@ -86,6 +89,16 @@ def time_updates(args: BenchArgs, configuration: str) -> dict:
     spec = env.spec
     torch.manual_seed(cfg.seed)
     agent = SacAeAgent(spec.obs_shape, spec.action_dim, cfg, device)
+    update = agent.update
+    if reference:
+        from sacae.reference import reference_update
+
+        for net in agent.networks().values():
+            net.to(memory_format=torch.contiguous_format)
+
+        def update(batch, step):
+            reference_update(agent, batch, step)
+
     replay = ReplayBuffer(spec.frame_shape, spec.obs_dtype, spec.action_dim, 2000, env.frame_stack,
                           cfg.episode_agent_steps, device, seed=cfg.seed)  # fmt: skip
     rng = np.random.default_rng(cfg.seed)
@@ -102,7 +115,7 @@ def time_updates(args: BenchArgs, configuration: str) -> dict:
     for i in range(args.warmup + args.updates):
         _sync(device)
         t0 = time.perf_counter()
-        agent.update(replay.sample(cfg.batch_size), i)  # alternate steps: the actor runs on every second one
+        update(replay.sample(cfg.batch_size), i)  # alternate steps: the actor runs on every second one
         _sync(device)
         if i >= args.warmup:
             seconds.append(time.perf_counter() - t0)
@@ -188,6 +201,7 @@ def run_bench(args: BenchArgs) -> dict:
         "batch_size": args.batch_size,
         "hidden_dim": args.hidden_dim,
         "update": {c: time_updates(args, c) for c in args.configurations},
+        "update_reference": {"sac_ae": time_updates(args, "sac_ae", reference=True)} if args.reference else {},
         "env": time_env(args),
         "train": time_training(args),
         "replay_bytes_per_transition": replay_bytes_per_transition(args),
@@ -206,6 +220,12 @@ def format_table(r: dict) -> str:
     ]
     for name, s in r["update"].items():
         lines.append(f"{'update ' + name + ' (s)':<34}{s['median_s']:>12.4f}{s['min_s']:>12.4f}{s['max_s']:>12.4f}")
+    for name, s in r["update_reference"].items():
+        label = f"update {name} authors' style (s)"
+        lines.append(f"{label:<34}{s['median_s']:>12.4f}{s['min_s']:>12.4f}{s['max_s']:>12.4f}")
+        if name in r["update"]:
+            speedup = s["median_s"] / r["update"][name]["median_s"]
+            lines.append(f"{'speed-up of the ' + name + ' update':<34}{speedup:>11.2f}x")
     env = r["env"]
     for part in ("step", "render"):
         s = env[part]

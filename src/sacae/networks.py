@@ -10,6 +10,9 @@ from torch import nn
 
 from sacae.config import conv_output_size
 
+# Convolutions run channels-last (NHWC): oneDNN (CPU) and cuDNN use their NHWC kernels without reordering.
+MEMORY_FORMAT = torch.channels_last
+
 
 def weight_init(m: nn.Module) -> None:
     """Linear: orthogonal, bias 0. Conv and transposed conv: delta-orthogonal with ReLU gain, bias 0."""
@@ -44,7 +47,7 @@ class PixelEncoder(nn.Module):
         self.ln = nn.LayerNorm(feature_dim)
 
     def forward_conv(self, obs: torch.Tensor) -> torch.Tensor:
-        h = obs.float() / 255.0
+        h = (obs.float() / 255.0).contiguous(memory_format=MEMORY_FORMAT)
         for conv in self.convs:
             h = torch.relu(conv(h))
         return h.flatten(1)
@@ -98,6 +101,7 @@ class PixelDecoder(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.fc(h)).view(-1, self.num_filters, self.side, self.side)
+        x = x.contiguous(memory_format=MEMORY_FORMAT)
         for deconv in self.deconvs[:-1]:
             x = torch.relu(deconv(x))
         return self.deconvs[-1](x)
