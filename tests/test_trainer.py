@@ -90,6 +90,11 @@ def test_updates_schedule_burst_and_spread(tmp_path):
     assert s[:50] == [0] * 50 and max(s) == 2
     assert np.cumsum(b)[-1] == np.cumsum(s)[-1]
     assert all(np.cumsum(s)[100:] == np.cumsum(b)[100:])
+    # Without a seed phase there is nothing to learn from at step 0, whichever the mode.
+    for mode in ("burst", "spread"):
+        trainer = Trainer(small_config(tmp_path / mode, encoder_type="identity", decoder_type="identity",
+                                       init_steps=0, seed_updates=mode))  # fmt: skip
+        assert [trainer.updates_at(t) for t in range(3)] == [0, 1, 1]
 
 
 def test_state_run_stores_truncation_as_not_done(tmp_path):

@@ -178,7 +178,7 @@ class Trainer:
     def updates_at(self, agent_steps: int) -> int:
         """How many updates run at this agent step (the seed phase's burst, or its spread, included)."""
         init = self.cfg.init_steps
-        if agent_steps < init:
+        if agent_steps < init or agent_steps == 0:  # nothing stored yet at step 0
             return 0
         if self.cfg.seed_updates == "burst":
             return init if agent_steps == init else 1
