@@ -7,6 +7,7 @@ before dm_control is imported.
 from __future__ import annotations
 
 import ctypes.util
+import logging
 import os
 import sys
 from collections import deque
@@ -32,6 +33,15 @@ NO_RENDERER_HINT = (
     "MUJOCO_GL=egl or MUJOCO_GL=osmesa"
 )
 
+class _DropKnownModelWarnings(logging.Filter):
+    """dm_control's own cheetah model triggers a MuJoCo deprecation warning on every load; it says nothing a
+    user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "settotalmass" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropKnownModelWarnings())
 _choose_gl_backend()
 try:
     from dm_control import suite  # must follow the choice of MUJOCO_GL
