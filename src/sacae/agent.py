@@ -78,7 +78,7 @@ class SacAeAgent:
             self.decoder = PixelDecoder(obs_shape, cfg.encoder_feature_dim, cfg.num_layers, cfg.num_filters)
             self.decoder.apply(weight_init)
         self.log_alpha = torch.tensor(np.log(cfg.init_temperature), dtype=torch.float32)
-        self.to(device)
+        self._place(device)
 
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr, betas=(cfg.actor_beta, 0.999))
         self.critic_optimizer = torch.optim.Adam(
@@ -103,11 +103,11 @@ class SacAeAgent:
         self.train(True)
 
     # ---------------------------------------------------------------------------------------------------------
-    def to(self, device: torch.device) -> SacAeAgent:
+    def _place(self, device: torch.device) -> None:
+        """Move the networks and log_alpha to `device`; only before the optimizers are built (they hold these)."""
         for net in self.networks().values():
             net.to(device, memory_format=MEMORY_FORMAT)
         self.log_alpha = self.log_alpha.to(device).requires_grad_(True)
-        return self
 
     def networks(self) -> dict[str, torch.nn.Module]:
         nets = {"actor": self.actor, "critic": self.critic, "critic_target": self.critic_target}
