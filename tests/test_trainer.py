@@ -145,3 +145,15 @@ def test_sac_states_learns(tmp_path):
     first, best_late = evals[0]["episode_reward"], max(e["episode_reward"] for e in evals[-2:])
     assert first < 50
     assert best_late > LEARNING_THRESHOLD, [e["episode_reward"] for e in evals]
+
+
+def test_seed_phase_burst_reports_progress_without_a_terminal(tmp_path, capsys):
+    cfg = small_config(tmp_path, encoder_type="identity", decoder_type="identity", num_train_steps=30,
+                       init_steps=20, eval_freq=1000)  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.logger.console_write = lambda line: None
+    trainer.run()
+    err = capsys.readouterr().err
+    progress = [line for line in err.splitlines() if line.startswith("sacae: seed-phase updates")]
+    assert [line.split()[3].rstrip(",") for line in progress] == [f"{i}/20" for i in range(2, 21, 2)]
+    assert progress[-1].endswith("about 0 s left")

@@ -33,6 +33,7 @@ NO_RENDERER_HINT = (
     "MUJOCO_GL=egl or MUJOCO_GL=osmesa"
 )
 
+
 class _DropKnownModelWarnings(logging.Filter):
     """dm_control's own cheetah model triggers a MuJoCo deprecation warning on every load; it says nothing a
     user can act on."""

@@ -253,25 +253,25 @@ class Trainer:
             self.obs = None
 
     def _run_updates(self, n: int) -> None:
+        if n == 1:
+            self.agent.update(self.replay.sample(self.cfg.batch_size), self.agent_steps)
+            return
         if n == 0:
             return
-        if n > 1:
-            bar = tqdm(
-                total=n,
-                desc="seed-phase updates",
-                unit=" updates",
-                leave=False,
-                file=sys.stderr,
-                disable=not sys.stderr.isatty(),
-            )
-            if bar.disable:
-                print(f"sacae: running {n} updates at the end of the seed phase", file=sys.stderr, flush=True)
-        for _ in range(n):
+        # The seed phase's burst takes minutes on a CPU: show it, as a bar on a terminal, else as log lines
+        # (Slurm's stderr files) about every 10%.
+        bar = tqdm(total=n, desc="seed-phase updates", unit=" updates", leave=False, file=sys.stderr,
+                   disable=not sys.stderr.isatty())  # fmt: skip
+        every = max(1, n // 10)
+        start = time.time()
+        for i in range(1, n + 1):
             self.agent.update(self.replay.sample(self.cfg.batch_size), self.agent_steps)
-            if n > 1:
-                bar.update(1)
-        if n > 1:
-            bar.close()
+            bar.update(1)
+            if bar.disable and (i % every == 0 or i == n):
+                elapsed = time.time() - start
+                print(f"sacae: seed-phase updates {i}/{n}, {elapsed:.0f} s, about {elapsed / i * (n - i):.0f} s left",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        bar.close()
 
     def _log_train_episode(self, episode_reward: float, duration: float) -> None:
         metrics = self.agent.metrics.pop()
