@@ -557,3 +557,27 @@ def test_act_bounds_and_sampling(variant):
     s1 = agent.act(obs, sample=True)
     torch.manual_seed(3)
     np.testing.assert_array_equal(s1, agent.act(obs, sample=True))
+
+
+def test_foreach_adam_is_bit_identical_to_the_single_tensor_loop():
+    torch.manual_seed(0)
+    cfg = TrainConfig(action_repeat=8, hidden_dim=32, num_filters=8, batch_size=8, encoder_feature_dim=8)
+    agent = SacAeAgent((9, 64, 64), 2, cfg, torch.device("cpu"))
+    loop = copy.deepcopy(agent)
+    for opt in loop.optimizers().values():
+        for group in opt.param_groups:
+            group["foreach"] = False
+    assert all(g["foreach"] for opt in agent.optimizers().values() for g in opt.param_groups)
+    b = 8
+    obs, next_obs = (torch.randint(0, 256, (b, 9, 64, 64), dtype=torch.uint8) for _ in range(2))
+    batch = Batch(obs, torch.rand(b, 2) * 2 - 1, torch.rand(b, 1), next_obs, torch.ones(b, 1))
+    for step in (0, 1, 2, 3):
+        torch.manual_seed(step)
+        agent.update(batch, step)
+        torch.manual_seed(step)
+        loop.update(batch, step)
+    for name in ("actor", "critic", "critic_target", "decoder"):
+        pairs = zip(getattr(agent, name).named_parameters(), getattr(loop, name).named_parameters(), strict=True)
+        for (key, p), (_, q) in pairs:
+            assert torch.equal(p, q), (name, key)
+    assert torch.equal(agent.log_alpha, loop.log_alpha)
