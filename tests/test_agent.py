@@ -21,13 +21,8 @@ from sacae.replay import Batch
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one thread is as fast, and immune to OpenMP spinning on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny networks: one thread is as fast, and immune to OpenMP spinning on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ALGORITHM.md

@@ -19,13 +19,8 @@ CPU = torch.device("cpu")
 RELU_GAIN = math.sqrt(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one thread is as fast, and immune to OpenMP spinning on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny networks: one thread is as fast, and immune to OpenMP spinning on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_images(batch, size, channels=9, seed=0):

@@ -54,7 +54,7 @@ class VideoRecorder:
 
 
 def video_codec(path: str | Path) -> str:
-    """The codec name ffmpeg reports for the file's first video stream (used by tests and `sacae eval`)."""
+    """The codec name ffmpeg reports for the first video stream of `path` (e.g. h264)."""
     import subprocess
 
     import imageio_ffmpeg
