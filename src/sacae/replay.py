@@ -46,12 +46,10 @@ class ReplayBuffer:
         self.action_dim = action_dim
         self.device = torch.device(device)
         torch_dtype = frame_dtype if isinstance(frame_dtype, torch.dtype) else _TORCH_DTYPE[np.dtype(frame_dtype)]
-        # Each episode adds one frame more than it has transitions, and the oldest live transition may look back
-        # frame_stack - 1 frames: size the frame ring so those frames are never overwritten while in use.
-        self.num_slots = capacity + math.ceil(capacity / max(1, episode_length)) + frame_stack + 1
+        self.num_slots = self.frame_slots(capacity, frame_stack, episode_length)
         self.frames = torch.empty((self.num_slots, *self.frame_shape), dtype=torch_dtype)
-        self.frame_no = np.zeros(capacity, dtype=np.int64)  # global number of the transition's frame f_t
-        self.step_in_episode = np.zeros(capacity, dtype=np.int16)  # t, capped at frame_stack - 1
+        self.frame_no = np.zeros(capacity, dtype=_FRAME_NO)  # global number of the transition's frame f_t
+        self.step_in_episode = np.zeros(capacity, dtype=_STEP_IN_EPISODE)  # t, capped at frame_stack - 1
         self.actions = np.zeros((capacity, action_dim), dtype=np.float32)
         self.rewards = np.zeros((capacity, 1), dtype=np.float32)
         self.not_dones = np.zeros((capacity, 1), dtype=np.float32)
@@ -76,6 +74,12 @@ class ReplayBuffer:
         return self.nbytes / self.capacity
 
     @staticmethod
+    def frame_slots(capacity: int, frame_stack: int, episode_length: int) -> int:
+        """Size of the frame ring. Each episode adds one frame more than it has transitions, and the oldest live
+        transition may look back frame_stack - 1 frames: those frames must never be overwritten while in use."""
+        return capacity + math.ceil(capacity / max(1, episode_length)) + frame_stack + 1
+
+    @staticmethod
     def estimate_bytes(
         frame_shape,
         frame_itemsize: int,
@@ -85,8 +89,9 @@ class ReplayBuffer:
         episode_length: int,
     ) -> int:
         """Bytes a full buffer of this shape holds, without allocating it."""
-        slots = capacity + math.ceil(capacity / max(1, episode_length)) + frame_stack + 1
-        per_transition = 8 + 2 + 4 * action_dim + 4 + 4
+        slots = ReplayBuffer.frame_slots(capacity, frame_stack, episode_length)
+        # frame number, step in episode, float32 action, reward and not_done
+        per_transition = _FRAME_NO.itemsize + _STEP_IN_EPISODE.itemsize + 4 * (action_dim + 2)
         return slots * int(np.prod(frame_shape)) * frame_itemsize + capacity * per_transition
 
     def _write_frame(self, frame: np.ndarray) -> None:
@@ -163,4 +168,6 @@ class ReplayBuffer:
         return self.gather(self.sample_indices(batch_size))
 
 
+_FRAME_NO = np.dtype(np.int64)
+_STEP_IN_EPISODE = np.dtype(np.int16)
 _TORCH_DTYPE = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
