@@ -1,0 +1,637 @@
+"""Launching sweeps: one training run per task and seed, in RUNS_DIR/<task>/<configuration>/seed_<i>/, on Slurm or
+on this machine.
+
+Each run folder gets its exact training command (run.sh), its Slurm script (run.slrm, Slurm runs only), the job
+id (id: the Slurm job id, or the process id of a local run) and the job's stdout and stderr, beside what training
+writes. Running the same sweep again skips finished runs, leaves queued or running ones alone and starts the rest
+again with the same command, which resumes them from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tyro
+
+from sacae.config import TrainConfig, resolve
+from sacae.errors import SacaeError
+
+# Training flags a sweep sets itself for each run (or that would defeat resuming), in their underscore spelling.
+SWEEP_FLAGS = ("task", "domain_name", "task_name", "seed", "work_dir", "resume", "no_resume", "force")
+
+# Prefix of the lines the Slurm script itself writes to stderr (status skips them when it looks for an error).
+SCRIPT_PREFIX = "sacae sweep:"
+
+# Slurm job states in which a job may still run (again): a sweep never starts a second copy of such a run.
+LIVE_SLURM_STATES = frozenset(
+    {
+        "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+        "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD",
+    }
+)  # fmt: skip
+
+# Memory a run needs beside its replay buffer (networks, PyTorch, MuJoCo, the environments), and the replay bytes
+# per transition of a state run (an upper bound over the dm_control tasks, next observation included).
+RUN_BASE_BYTES = 2 * 1024**3
+STATE_TRANSITION_BYTES = 2048
+
+
+@dataclass(frozen=True)
+class SweepArgs:
+    """Start one training run per task and seed, on Slurm (sbatch) or on this machine.
+
+    Training flags go after `--`, e.g. `sacae sweep --tasks walker_walk --num_seeds 10 -- --encoder_type identity
+    --decoder_type identity`. Each run goes to RUNS_DIR/<task>/<configuration>/seed_<i>/, where the configuration
+    (sac_ae, sac_pixel, sac_states) follows from the training flags. Running the same sweep again skips finished
+    runs, leaves queued or running ones alone and resumes the others.
+    """
+
+    tasks: tuple[str, ...]
+    """Tasks as DOMAIN_TASK, e.g. walker_walk cheetah_run ball_in_cup_catch."""
+    train_args: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="-- TRAIN_FLAGS")] = ()
+    """Flags of `sacae train` for every run, after `--` (all but --task, --seed and --work_dir, which the sweep
+    sets)."""
+    num_seeds: int = 10
+    """Seeds 1 to NUM_SEEDS."""
+    seeds: tuple[int, ...] | None = None
+    """These seeds instead of 1 to NUM_SEEDS."""
+    runs_dir: str = "./runs"
+    """Folder that holds <task>/<configuration>/seed_<i>/."""
+    executor: Literal["auto", "slurm", "local"] = "auto"
+    """slurm: one sbatch job per run; local: the runs as processes on this machine, a few at a time, while the
+    sweep waits in the foreground; auto: slurm when sbatch is on PATH, else local."""
+    dry_run: bool = False
+    """Print what would start, and write and start nothing."""
+
+    # --- Slurm ---
+    partition: str | None = None
+    """Slurm partition (default: the cluster's default partition)."""
+    time: str | None = None
+    """Time limit of each job, as sbatch --time takes it (e.g. 72:00:00; default: the partition's limit)."""
+    cpus_per_task: int | None = None
+    """CPU cores per job (default: the cluster's default); PyTorch uses that many threads."""
+    gpus: int | None = None
+    """GPUs per job, as --gres=gpu:N (default: 1 for sac_ae and sac_pixel, 0 for sac_states)."""
+    mem: str = "auto"
+    """Memory per job, as sbatch --mem takes it (e.g. 32G); auto: the run's replay buffer plus 3 GB; none: the
+    cluster's default."""
+    account: str | None = None
+    """Slurm account to charge."""
+    sbatch_options: tuple[str, ...] = ()
+    """More sbatch options, each written as one #SBATCH line, with or without the leading dashes
+    (e.g. qos=high constraint=volta32gb)."""
+    signal_seconds: int = 300
+    """Slurm sends USR1 this many seconds before the time limit: the run writes a checkpoint and stops, and the job
+    requeues itself and resumes."""
+
+    # --- local ---
+    max_parallel: int | None = None
+    """Local runs at once (default: as many as this machine's cores and memory allow, at least 1)."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run of a sweep: where it lives and the exact command that trains (and resumes) it."""
+
+    task: str
+    configuration: str
+    seed: int
+    run_dir: Path
+    command: tuple[str, ...]
+    cfg: TrainConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.configuration}/seed_{self.seed}"
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """What squeue says about one job."""
+
+    job_id: str
+    state: str
+    reason: str
+    restarts: int
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_SLURM_STATES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plans
+
+
+def flag_name(token: str) -> str | None:
+    """`--work-dir=x` -> work_dir; None for a value."""
+    if not token.startswith("--") or token == "--":
+        return None
+    return token[2:].split("=", 1)[0].replace("-", "_")
+
+
+def parse_train_args(train_args: Sequence[str]) -> TrainConfig:
+    """The training flags of a sweep as a TrainConfig, with one sentence for any flag `sacae train` would refuse."""
+    taken = sorted({name for name in map(flag_name, train_args) if name in SWEEP_FLAGS})
+    if taken:
+        raise SacaeError(
+            f"The sweep sets {', '.join('--' + n for n in taken)} itself (each run resumes in its own folder); "
+            "remove it from the training flags (use --tasks, --seeds or --runs_dir)."
+        )
+    try:
+        cfg, unknown = tyro.cli(
+            TrainConfig, args=list(train_args), use_underscores=True, console_outputs=False, return_unknown_args=True
+        )
+    except SystemExit:
+        raise SacaeError(
+            f"The training flags {shlex.join(train_args)} are not valid for `sacae train`; "
+            "`sacae train --help` lists them."
+        ) from None
+    if unknown:
+        raise SacaeError(f"`sacae train` has no flag {unknown[0]}; `sacae train --help` lists them.")
+    return cfg
+
+
+def sacae_command() -> list[str]:
+    """How this installation's `sacae` is started: the script beside this Python, else `python -m sacae.cli`."""
+    script = Path(sys.executable).parent / "sacae"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "sacae.cli"]
+
+
+def plan_sweep(args: SweepArgs, cwd: Path | None = None) -> list[RunPlan]:
+    """Every run of the sweep, in task then seed order; SacaeError for a bad task, flag or seed."""
+    if not args.tasks:
+        raise SacaeError("Give at least one task with --tasks (e.g. --tasks walker_walk).")
+    seeds = tuple(args.seeds) if args.seeds is not None else tuple(range(1, args.num_seeds + 1))
+    if not seeds:
+        raise SacaeError(f"--num_seeds must be at least 1 (got {args.num_seeds}).")
+    if len(set(seeds)) != len(seeds):
+        raise SacaeError(f"--seeds lists a seed twice ({' '.join(map(str, seeds))}).")
+    base = parse_train_args(args.train_args)
+    runs_dir = ((cwd or Path.cwd()) / args.runs_dir).resolve()
+    exe = sacae_command()
+    plans = []
+    for task in dict.fromkeys(args.tasks):
+        cfg = resolve(dataclasses.replace(base, task=task))
+        for seed in seeds:
+            run_dir = runs_dir / task / cfg.configuration / f"seed_{seed}"
+            command = (*exe, "train", "--task", task, *args.train_args, "--seed", str(seed), "--work_dir", str(run_dir))
+            plans.append(RunPlan(task, cfg.configuration, seed, run_dir, command, dataclasses.replace(cfg, seed=seed)))
+    return plans
+
+
+def run_memory_bytes(cfg: TrainConfig) -> int:
+    """A generous estimate of a run's peak memory: its replay buffer (each pixel frame stored once) plus the rest."""
+    transitions = max(1, min(cfg.replay_buffer_capacity, cfg.num_train_steps))
+    per = 3 * cfg.image_size**2 + 64 if cfg.pixels else STATE_TRANSITION_BYTES
+    return transitions * per + RUN_BASE_BYTES
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def read_id(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / "id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """The trainer's status.json (None when the run never started or the file cannot be read)."""
+    import json
+
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def local_process_alive(pid_text: str | None, run_dir: Path) -> bool:
+    """Whether the process in `id` still runs this run (its command line names the run folder) on this machine."""
+    if not pid_text or not pid_text.isdigit():
+        return False
+    proc = Path("/proc") / pid_text
+    try:
+        stat = (proc / "stat").read_text()
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X") and str(run_dir) in cmdline
+
+
+def write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    from sacae.storage import write_text_atomic
+
+    write_text_atomic(path, text)
+    os.chmod(path, mode)
+
+
+def run_script(plan: RunPlan, cwd: Path) -> str:
+    return (
+        "#!/usr/bin/env bash\n"
+        f"# Training run {plan.name}, written by `sacae sweep`. Running it again resumes the run.\n"
+        f"cd {shlex.quote(str(cwd))}\n"
+        f"exec {shlex.join(plan.command)}\n"
+    )
+
+
+def script_command(run_sh: Path) -> list[str] | None:
+    """The training command an existing run.sh starts (None if there is none)."""
+    try:
+        lines = run_sh.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("exec "):
+            return shlex.split(line[len("exec ") :])
+    return None
+
+
+def train_part(command: Sequence[str]) -> list[str]:
+    """The arguments after `train`: what defines the run, whichever sacae installation starts it."""
+    command = list(command)
+    return command[command.index("train") + 1 :] if "train" in command else command
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slurm
+
+
+def sbatch_lines(args: SweepArgs, plan: RunPlan) -> list[str]:
+    """The #SBATCH options of one run's job."""
+    d = plan.run_dir
+    options = [
+        f"--job-name={plan.task}.{plan.configuration}.seed_{plan.seed}",
+        f"--output={d / 'stdout'}",
+        f"--error={d / 'stderr'}",
+        "--open-mode=append",
+        "--requeue",
+        f"--signal=B:USR1@{args.signal_seconds}",
+        "--nodes=1",
+        "--ntasks=1",
+    ]
+    if args.partition:
+        options.append(f"--partition={args.partition}")
+    if args.time:
+        options.append(f"--time={args.time}")
+    if args.cpus_per_task:
+        options.append(f"--cpus-per-task={args.cpus_per_task}")
+    gpus = args.gpus if args.gpus is not None else (1 if plan.cfg.pixels else 0)
+    if gpus:
+        options.append(f"--gres=gpu:{gpus}")
+    if args.mem == "auto":
+        options.append(f"--mem={math.ceil((run_memory_bytes(plan.cfg) + 1024**3) / 1024**3)}G")
+    elif args.mem.lower() != "none":
+        options.append(f"--mem={args.mem}")
+    if args.account:
+        options.append(f"--account={args.account}")
+    options += [o if o.startswith("-") else f"--{o}" for o in args.sbatch_options]
+    return options
+
+
+def slurm_script(args: SweepArgs, plan: RunPlan) -> str:
+    """The batch script: run run.sh in the background so that the shell can take Slurm's USR1, pass it on (the
+    trainer writes a checkpoint and exits 138) and requeue the job, whose next start runs run.sh again and resumes."""
+    header = "".join(f"#SBATCH {o}\n" for o in sbatch_lines(args, plan))
+    run_sh = shlex.quote(str(plan.run_dir / "run.sh"))
+    return f"""#!/bin/bash
+{header}
+# Training run {plan.name}, written by `sacae sweep`.
+# Slurm sends USR1 to this shell {args.signal_seconds} s before the time limit: the trainer is told to write a
+# checkpoint and stop, then the job requeues itself; the requeued job runs run.sh again, which resumes the run.
+P="{SCRIPT_PREFIX}"
+echo "$P job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) started on $(hostname) at $(date '+%F %T')" >&2
+if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ]; then export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}}; fi
+
+child=
+requeue() {{
+  echo "$P time limit near: asking the trainer to checkpoint, then requeueing job $SLURM_JOB_ID" >&2
+  code=138
+  if [ -n "$child" ]; then
+    kill -USR1 "$child" 2>/dev/null
+    wait "$child"
+    code=$?
+  fi
+  if [ "$code" = 138 ]; then
+    echo "$P checkpoint written; requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  exit "$code"
+}}
+trap requeue USR1
+
+bash {run_sh} &
+child=$!
+wait "$child"
+code=$?
+echo "$P training exited with status $code at $(date '+%F %T')" >&2
+exit "$code"
+"""
+
+
+def slurm_jobs(job_ids: Iterable[str]) -> dict[str, SlurmJob] | None:
+    """The jobs among `job_ids` that Slurm's controller still knows, by id; None where squeue is missing or fails.
+
+    A job the controller has forgotten (some time after it ended) is simply absent.
+    """
+    ids = sorted({j for j in job_ids if j and j.replace("_", "").isdigit()})
+    if shutil.which("squeue") is None:
+        return None
+    jobs: dict[str, SlurmJob] = {}
+    for start in range(0, len(ids), 200):
+        chunk = ids[start : start + 200]
+        cmd = ["squeue", "-h", "-t", "all", "-j", ",".join(chunk), "-O", "JobID:|,State:|,Reason:|,RestartCnt:|"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if out.returncode != 0:
+            if "Invalid job id" in out.stderr:
+                continue  # every id of the chunk is forgotten
+            return None
+        for line in out.stdout.splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) >= 4 and fields[0]:
+                restarts = int(fields[3]) if fields[3].isdigit() else 0
+                jobs[fields[0]] = SlurmJob(fields[0], fields[1], fields[2], restarts)
+    return jobs
+
+
+def sacct_state(job_id: str) -> str | None:
+    """The final state Slurm's accounting records for a job (e.g. COMPLETED, TIMEOUT, OUT_OF_MEMORY), if any."""
+    if shutil.which("sacct") is None:
+        return None
+    cmd = ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.stdout.splitlines():
+        fields = line.split("|")
+        if len(fields) >= 2 and fields[0] == job_id:
+            return fields[1].split()[0] if fields[1] else None
+    return None
+
+
+def submit_slurm(run_dir: Path) -> str:
+    """sbatch run.slrm; returns the job id."""
+    try:
+        out = subprocess.run(
+            ["sbatch", "--parsable", str(run_dir / "run.slrm")], cwd=run_dir, capture_output=True, text=True
+        )
+    except OSError as e:
+        raise SacaeError(f"sbatch could not be started ({e.strerror}).") from None
+    if out.returncode != 0:
+        reason = " ".join(out.stderr.split()) or f"exit status {out.returncode}"
+        raise SacaeError(f"sbatch refused the job of {run_dir} ({reason}).")
+    return out.stdout.strip().split(";")[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local
+
+
+def local_max_parallel(cfg: TrainConfig) -> int:
+    """Runs at once on this machine: one core each (or --num_threads), within the memory available now."""
+    from sacae.trainer import available_memory_bytes
+
+    cores = len(os.sched_getaffinity(0))
+    by_cores = cores // (cfg.num_threads or 1)
+    available = available_memory_bytes()
+    by_memory = available // run_memory_bytes(cfg) if available is not None else by_cores
+    return max(1, min(by_cores, by_memory))
+
+
+@dataclass
+class LocalRun:
+    plan: RunPlan
+    process: subprocess.Popen
+    started: float
+
+
+def run_local(
+    plans: list[RunPlan], max_parallel: int, say: Callable[[str], None], progress_seconds: float = 60.0
+) -> dict[str, int]:
+    """Run the plans as processes of this machine, `max_parallel` at a time, and wait for all; returns each run's
+    exit status by name. Ctrl-C (or SIGTERM to the sweep) asks every run to checkpoint and stop, and waits."""
+    threads = max(1, len(os.sched_getaffinity(0)) // max_parallel)
+    waiting, running, codes = list(plans), [], {}
+    last_progress = time.time()
+
+    def start(plan: RunPlan) -> None:
+        if local_process_alive(read_id(plan.run_dir), plan.run_dir):
+            say(f"{plan.name}: already running as process {read_id(plan.run_dir)}, left alone")
+            return
+        env = dict(os.environ)
+        if "--num_threads" not in plan.command and "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(threads)
+        with open(plan.run_dir / "stdout", "ab") as out, open(plan.run_dir / "stderr", "ab") as err:
+            # A session of its own: Ctrl-C reaches the sweep, which passes exactly one SIGINT on to each run.
+            process = subprocess.Popen(
+                ["bash", str(plan.run_dir / "run.sh")],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        write_text(plan.run_dir / "id", f"{process.pid}\n")
+        running.append(LocalRun(plan, process, time.time()))
+        say(f"{plan.name}: started, process {process.pid}")
+
+    def reap() -> None:
+        for run in list(running):
+            code = run.process.poll()
+            if code is None:
+                continue
+            running.remove(run)
+            codes[run.plan.name] = code
+            done = f"{len(codes)}/{len(plans)}"
+            took = f"{time.time() - run.started:.0f} s"
+            if code == 0:
+                say(f"[{done}] {run.plan.name}: finished in {took}")
+            else:
+                say(f"[{done}] {run.plan.name}: exited with status {code} after {took}; see {run.plan.run_dir}/stderr")
+
+    def forward(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
+    try:
+        while waiting or running:
+            while waiting and len(running) < max_parallel:
+                start(waiting.pop(0))
+            time.sleep(0.5)
+            reap()
+            if running and time.time() - last_progress >= progress_seconds:
+                last_progress = time.time()
+                say(local_progress(running, len(waiting), len(codes)))
+    except KeyboardInterrupt:
+        say(f"stopping {len(running)} running run(s): each writes a checkpoint; run the sweep again to resume")
+        for run in running:
+            if run.process.poll() is None:
+                run.process.send_signal(signal.SIGINT)
+        for run in running:
+            run.process.wait()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return codes
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def local_progress(running: list[LocalRun], waiting: int, done: int) -> str:
+    parts = []
+    for run in running:
+        status = read_status(run.plan.run_dir) or {}
+        steps, total = status.get("env_steps"), status.get("total_env_steps")
+        parts.append(f"{run.plan.name} {steps}/{total}" if steps is not None else f"{run.plan.name} starting")
+    return f"{len(running)} running ({', '.join(parts)}), {waiting} waiting, {done} done"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def choose_executor(executor: str, say: Callable[[str], None]) -> str:
+    if executor != "auto":
+        if executor == "slurm" and shutil.which("sbatch") is None:
+            raise SacaeError("--executor slurm needs sbatch on PATH; use --executor local to run on this machine.")
+        return executor
+    if shutil.which("sbatch") is not None:
+        return "slurm"
+    say("sbatch is not on PATH: running the sweep on this machine (--executor local), in the foreground")
+    return "local"
+
+
+def check_same_command(plan: RunPlan) -> None:
+    """A run folder that already holds a run started with other training flags is not resumed with these."""
+    old = script_command(plan.run_dir / "run.sh")
+    started = (plan.run_dir / "status.json").exists() or (plan.run_dir / "train.log").exists()
+    if old is None or not started or train_part(old) == train_part(plan.command):
+        return
+    before, now = flag_groups(train_part(old)), flag_groups(train_part(plan.command))
+    gone = " ".join(g for g in before if g not in now) or "nothing more"
+    added = " ".join(g for g in now if g not in before) or "nothing more"
+    raise SacaeError(
+        f"{plan.run_dir} holds a run started with other training flags (it has {gone}, this sweep asks for "
+        f"{added}); use another --runs_dir or remove that folder."
+    )
+
+
+def flag_groups(args: Sequence[str]) -> list[str]:
+    """["--a", "1", "--b"] -> ["--a 1", "--b"]."""
+    groups: list[list[str]] = []
+    for token in args:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return [shlex.join(g) for g in groups]
+
+
+def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path | None = None) -> dict[str, str]:
+    """Start (or resume) every run of the sweep that is neither finished nor still queued or running.
+
+    Returns what happened to each run, by name (`task/configuration/seed_i`): submitted JOB_ID, started,
+    finished, running JOB_ID, exited N (local), or planned (dry run). Slurm runs return as soon as they are
+    submitted; local runs return when they have all ended.
+    """
+    if say is None:
+
+        def say(line: str) -> None:
+            print(f"sacae sweep: {line}", flush=True)
+
+    if args.signal_seconds < 1:
+        raise SacaeError(f"--signal_seconds must be at least 1 (got {args.signal_seconds}).")
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise SacaeError(f"--max_parallel must be at least 1 (got {args.max_parallel}).")
+    cwd = (cwd or Path.cwd()).resolve()
+    plans = plan_sweep(args, cwd)
+    for plan in plans:
+        check_same_command(plan)
+    executor = choose_executor(args.executor, say)
+
+    jobs: dict[str, SlurmJob] | None = {}
+    if executor == "slurm":
+        jobs = slurm_jobs(filter(None, (read_id(p.run_dir) for p in plans)))
+        if jobs is None:
+            raise SacaeError("squeue did not answer, so the sweep cannot tell which runs are still queued or running.")
+
+    outcome: dict[str, str] = {}
+    to_start: list[RunPlan] = []
+    for plan in plans:
+        status = read_status(plan.run_dir) or {}
+        job_id = read_id(plan.run_dir)
+        if status.get("state") == "finished":
+            outcome[plan.name] = "finished"
+            say(f"{plan.name}: finished, skipped")
+            continue
+        if executor == "slurm" and (plan.run_dir / "run.slrm").exists() and job_id in jobs and jobs[job_id].live:
+            outcome[plan.name] = f"running {job_id}"
+            say(f"{plan.name}: job {job_id} is {jobs[job_id].state.lower()}, left alone")
+            continue
+        if local_process_alive(job_id, plan.run_dir):
+            outcome[plan.name] = f"running {job_id}"
+            say(f"{plan.name}: process {job_id} is running, left alone")
+            continue
+        to_start.append(plan)
+
+    if args.dry_run:
+        for plan in to_start:
+            outcome[plan.name] = "planned"
+            say(f"{plan.name}: would {'resume' if read_status(plan.run_dir) else 'start'}: {shlex.join(plan.command)}")
+        return outcome
+
+    for plan in to_start:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(plan.run_dir / "run.sh", run_script(plan, cwd), 0o755)
+        if executor == "slurm":
+            write_text(plan.run_dir / "run.slrm", slurm_script(args, plan), 0o755)
+        else:
+            (plan.run_dir / "run.slrm").unlink(missing_ok=True)  # this run is no longer a Slurm job
+
+    if executor == "slurm":
+        for plan in to_start:
+            resumed = read_status(plan.run_dir)
+            job_id = submit_slurm(plan.run_dir)
+            write_text(plan.run_dir / "id", f"{job_id}\n")
+            outcome[plan.name] = f"submitted {job_id}"
+            verb = f"resubmitted (resumes at {resumed.get('env_steps')} env steps)" if resumed else "submitted"
+            say(f"{plan.name}: {verb} as job {job_id}")
+        if to_start:
+            say(f"{len(to_start)} job(s) submitted; `sacae status {args.runs_dir}` shows them")
+        return outcome
+
+    if to_start:
+        parallel = args.max_parallel or local_max_parallel(to_start[0].cfg)
+        say(f"{len(to_start)} run(s) on {socket.gethostname()}, {parallel} at a time")
+        codes = run_local(to_start, parallel, say)
+        for name, code in codes.items():
+            outcome[name] = "finished" if code == 0 else f"exited {code}"
+    return outcome
