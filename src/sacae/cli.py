@@ -1,4 +1,4 @@
-"""The `sacae` command (train, eval, bench): a thin layer over functions a user can import."""
+"""The `sacae` command (train, eval, bench, report): a thin layer over functions a user can import."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import tyro
 from sacae.bench import BenchArgs
 from sacae.config import TrainConfig
 from sacae.errors import SacaeError
+from sacae.report import ReportArgs
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def run_guarded(fn: Callable[[], None]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.extras.subcommand_cli_from_dict(
-        {"train": TrainConfig, "eval": EvalArgs, "bench": BenchArgs},
+        {"train": TrainConfig, "eval": EvalArgs, "bench": BenchArgs, "report": ReportArgs},
         prog="sacae",
         description="SAC+AE for the DeepMind Control Suite.",
         args=argv,
@@ -71,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if isinstance(args, TrainConfig):
         return run_guarded(lambda: train(args))
+    if isinstance(args, ReportArgs):
+        from sacae.report import report
+
+        return run_guarded(lambda: report(args))
     if isinstance(args, BenchArgs):
         from sacae.bench import bench
 

@@ -1,0 +1,824 @@
+"""Analysis of finished (or running) training runs: return curves, a table at fixed env steps beside the published
+numbers, training-loss curves, written as a Markdown page, an HTML page and summary.json.
+
+Runs are laid out as `<root>/<task>/<configuration>/seed_<i>/` (config.json, train.log, eval.log). Typical use:
+
+    runs = load_runs("runs")
+    summary = summarize(runs)
+    write_report("runs")  # runs/report/report.md, report.html, *.png, summary.json
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import itertools
+import json
+import re
+import shlex
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+import tyro
+
+from sacae.config import TrainConfig
+from sacae.errors import SacaeError
+from sacae.logger import read_jsonl
+from sacae.testbed import PublishedReturn, published_returns
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DEFAULT_AT: tuple[int, ...] = (100_000, 500_000)
+DEFAULT_REPS = 2000
+LOSS_KEYS: tuple[str, ...] = ("critic_loss", "actor_loss", "ae_loss", "alpha")
+# Our configuration (config.json's algorithm) -> the method name of the published table.
+PUBLISHED_METHOD = {"sac_ae": "sac_ae", "sac_pixel": "sac_pixel", "sac_states": "sac_state"}
+METHOD_TITLE = {"sac_ae": "SAC+AE", "sac_pixel": "pixel SAC", "sac_state": "state SAC"}
+SOURCE_TITLE = {"curl": "CURL Table 1", "drq": "DrQ Table 1"}
+CONFIGURATION_ORDER = ("sac_ae", "sac_pixel", "sac_states")
+
+
+@dataclass(frozen=True)
+class ReportArgs:
+    """Summarise training runs: eval return curves, a table at 100k and 500k env steps beside the published
+    numbers, and training-loss curves, as report.md, report.html, PNG plots and summary.json."""
+
+    path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
+    """runs/, runs/<task> or runs/<task>/<configuration>: every folder below holding a config.json is a run."""
+    out: str | None = None
+    """Output folder (default: PATH/report)."""
+    at: tuple[int, ...] = DEFAULT_AT
+    """Environment steps of the table's columns."""
+    bootstrap_reps: int = DEFAULT_REPS
+    """Bootstrap resamples for the confidence intervals."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One training run (one seed of one configuration on one task) as its files describe it."""
+
+    path: Path
+    task: str
+    """domain_task, e.g. cartpole_swingup."""
+    configuration: str
+    """The configuration's folder name (runs/<task>/<configuration>/seed_<i>), e.g. sac_ae."""
+    method: str
+    """sac_ae, sac_pixel or sac_states, from the config's encoder and decoder types."""
+    seed: str
+    """The run's folder name, e.g. seed_3."""
+    config: dict[str, Any]
+    eval_rows: tuple[dict[str, Any], ...]
+    train_rows: tuple[dict[str, Any], ...]
+    status: dict[str, Any] | None = None
+
+    def eval_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Evaluation env steps (increasing) and mean returns; where a step was logged twice, the later row wins."""
+        by_step = {
+            int(r["env_steps"]): float(r["episode_reward"]) for r in self.eval_rows if _is_number(r, "episode_reward")
+        }
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+
+    def train_curve(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Env steps and values of one train.log column (rows where it is missing or null are left out)."""
+        by_step = {int(r["env_steps"]): float(r[key]) for r in self.train_rows if _is_number(r, key)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+
+    @property
+    def last_eval_env_steps(self) -> int | None:
+        steps, _ = self.eval_curve()
+        return int(steps[-1]) if len(steps) else None
+
+    @property
+    def eval_interval(self) -> int | None:
+        """Env steps between evaluations: eval_freq x action_repeat, else the logs' median spacing."""
+        freq, repeat = self.config.get("eval_freq"), self.config.get("action_repeat")
+        if isinstance(freq, int) and isinstance(repeat, int) and freq > 0 and repeat > 0:
+            return freq * repeat
+        steps, _ = self.eval_curve()
+        return int(np.median(np.diff(steps))) if len(steps) > 1 else None
+
+    @property
+    def planned_env_steps(self) -> int | None:
+        steps, repeat = self.config.get("num_train_steps"), self.config.get("action_repeat")
+        return steps * repeat if isinstance(steps, int) and isinstance(repeat, int) else None
+
+    @property
+    def wall_clock_hours(self) -> float:
+        """Training time over all sessions: status.json's elapsed_seconds when the run wrote it, else the logged
+        durations of training episodes plus evaluations (a partial last episode is not logged)."""
+        if self.status and _is_number(self.status, "elapsed_seconds"):
+            return float(self.status["elapsed_seconds"]) / 3600
+        seconds = sum(float(r["duration"]) for r in (*self.train_rows, *self.eval_rows) if _is_number(r, "duration"))
+        return seconds / 3600
+
+    @property
+    def state(self) -> str | None:
+        """status.json's state (running, finished, stopped, failed) when the run wrote one."""
+        return str(self.status["state"]) if self.status and "state" in self.status else None
+
+    @property
+    def resumes(self) -> int | None:
+        """How many times the run was resumed, from status.json; None when the run wrote no count."""
+        value = self.status.get("resumes") if self.status else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
+    def resumed(self) -> bool:
+        """True when status.json counts a resume or a log's env_steps go back (a restart appended to the logs)."""
+        if self.resumes:
+            return True
+        for rows in (self.eval_rows, self.train_rows):
+            steps = [r["env_steps"] for r in rows if isinstance(r.get("env_steps"), int)]
+            if any(b <= a for a, b in itertools.pairwise(steps)):
+                return True
+        return False
+
+    def value_at(self, env_steps: int) -> tuple[int, float] | None:
+        """(env steps of the evaluation used, its return) for the column at `env_steps`: the evaluation at exactly
+        that step, else the last one before it if at most one evaluation interval earlier, else None."""
+        steps, returns = self.eval_curve()
+        i = int(np.searchsorted(steps, env_steps, side="right")) - 1
+        if i < 0:
+            return None
+        interval = self.eval_interval
+        if steps[i] == env_steps or (interval is not None and env_steps - steps[i] <= interval):
+            return int(steps[i]), float(returns[i])
+        return None
+
+
+def _is_number(row: dict[str, Any], key: str) -> bool:
+    value = row.get(key)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _read_log(path: Path) -> tuple[dict[str, Any], ...]:
+    try:
+        rows = read_jsonl(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SacaeError(f"The log {path} has a line that is not JSON ({e}).") from None
+    return tuple(r for r in rows if isinstance(r, dict) and isinstance(r.get("env_steps"), int))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SacaeError(f"The config file {path} cannot be read as JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise SacaeError(f"The config file {path} does not hold a JSON object.")
+    lacking = [k for k in ("domain_name", "task_name") if not isinstance(config.get(k), str)]
+    if lacking:
+        raise SacaeError(f"The config file {path} lacks {' and '.join(lacking)}.")
+    return config
+
+
+def _method(config: dict[str, Any]) -> str:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in config.items() if k in known}).configuration
+    except TypeError:
+        return str(config.get("configuration", "unknown"))
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """The run in `run_dir` (a folder holding config.json, and train.log / eval.log once it has logged)."""
+    run_dir = Path(run_dir)
+    config = _read_config(run_dir / "config.json")
+    method = _method(config)
+    is_seed_dir = run_dir.name.startswith("seed_")
+    return Run(
+        path=run_dir,
+        task=f"{config['domain_name']}_{config['task_name']}",
+        configuration=run_dir.parent.name if is_seed_dir else method,
+        method=method,
+        seed=run_dir.name if is_seed_dir else f"seed_{config.get('seed', '?')}",
+        config=config,
+        eval_rows=_read_log(run_dir / "eval.log"),
+        train_rows=_read_log(run_dir / "train.log"),
+        status=_read_status(run_dir / "status.json"),
+    )
+
+
+def load_runs(path: str | Path) -> list[Run]:
+    """Every run under `path` (runs/, runs/<task>, runs/<task>/<configuration> or one run folder), sorted by task,
+    configuration and seed. Raises SacaeError if the folder is missing or holds no run."""
+    root = Path(path)
+    if not root.exists():
+        raise SacaeError(f"There is no folder at {root}.")
+    if not root.is_dir():
+        raise SacaeError(f"{root} is a file, not a folder of runs.")
+    runs = [load_run(p.parent) for p in sorted(root.rglob("config.json"))]
+    if not runs:
+        raise SacaeError(f"There are no runs under {root}: no folder below it holds a config.json.")
+    return sorted(runs, key=lambda r: (r.task, _configuration_key(r.configuration), _seed_key(r.seed)))
+
+
+def _configuration_key(name: str) -> tuple[int, str]:
+    return (CONFIGURATION_ORDER.index(name) if name in CONFIGURATION_ORDER else len(CONFIGURATION_ORDER), name)
+
+
+def _seed_key(seed: str) -> tuple[int, str]:
+    digits = re.sub(r"\D", "", seed)
+    return (int(digits) if digits else -1, seed)
+
+
+def _by_task(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
+    grouped: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        grouped.setdefault(run.task, {}).setdefault(run.configuration, []).append(run)
+    return grouped
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Summary
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The returns of one configuration on one task at one env step, over its seeds."""
+
+    task: str
+    configuration: str
+    method: str
+    env_steps: int
+    seeds: tuple[str, ...]
+    """All seeds of the configuration, including those without a value here."""
+    values: dict[str, float]
+    """Seed -> the return used for this column."""
+    used_env_steps: dict[str, int]
+    """Seed -> env steps of the evaluation whose return is used (differs from env_steps near a run's end)."""
+    mean: float | None = None
+    std: float | None = None
+    """Sample standard deviation over seeds (ddof 1); None with fewer than two seeds."""
+    iqm: float | None = None
+    iqm_ci: tuple[float, float] | None = None
+    mean_ci: tuple[float, float] | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What `summarize` found: one Cell per task, configuration and env step, and sentences about the data."""
+
+    runs: tuple[Run, ...]
+    at: tuple[int, ...]
+    cells: tuple[Cell, ...]
+    notes: dict[str, list[str]]
+    """Task -> sentences about missing seeds, unequal lengths, differing settings."""
+    published: tuple[PublishedReturn, ...]
+    bootstrap_reps: int
+    seed: int = 0
+    generated_by: str = field(default="")
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({c.task for c in self.cells})
+
+    def cells_of(self, task: str, env_steps: int) -> list[Cell]:
+        return [c for c in self.cells if c.task == task and c.env_steps == env_steps]
+
+    def published_of(self, task: str, env_steps: int) -> list[PublishedReturn]:
+        return [p for p in self.published if p.task == task and p.env_steps == env_steps]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per cell and per published number (for pandas.DataFrame or a CSV)."""
+        rows: list[dict[str, Any]] = []
+        for task in self.tasks:
+            for env_steps in self.at:
+                for c in self.cells_of(task, env_steps):
+                    rows.append({"task": task, "env_steps": env_steps, "configuration": c.configuration,
+                                 "seeds": f"{c.n} of {len(c.seeds)}", "mean": c.mean, "std": c.std, "iqm": c.iqm,
+                                 "iqm_ci_low": c.iqm_ci[0] if c.iqm_ci else None,
+                                 "iqm_ci_high": c.iqm_ci[1] if c.iqm_ci else None})  # fmt: skip
+                for p in self.published_of(task, env_steps):
+                    rows.append({"task": task, "env_steps": env_steps, "configuration": _published_label(p),
+                                 "seeds": None, "mean": p.mean, "std": p.std, "iqm": None, "iqm_ci_low": None,
+                                 "iqm_ci_high": None})  # fmt: skip
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """summary.json's content."""
+        return {
+            "generated_by": self.generated_by,
+            "at": list(self.at),
+            "bootstrap_reps": self.bootstrap_reps,
+            "cells": [{**dataclasses.asdict(c), "seeds": list(c.seeds), "n": c.n} for c in self.cells],
+            "runs": [_run_dict(r) for r in self.runs],
+            "published": [dataclasses.asdict(p) for p in self.published if p.task in self.tasks],
+            "notes": self.notes,
+        }
+
+
+def _run_dict(run: Run) -> dict[str, Any]:
+    return {
+        "path": str(run.path),
+        "task": run.task,
+        "configuration": run.configuration,
+        "method": run.method,
+        "seed": run.seed,
+        "last_eval_env_steps": run.last_eval_env_steps,
+        "planned_env_steps": run.planned_env_steps,
+        "evaluations": len(run.eval_curve()[0]),
+        "wall_clock_hours": run.wall_clock_hours,
+        "state": run.state,
+        "resumed": run.resumed,
+        "resumes": run.resumes,
+    }
+
+
+def _published_label(p: PublishedReturn) -> str:
+    return f"published {METHOD_TITLE.get(p.method, p.method)} ({SOURCE_TITLE.get(p.source, p.source)})"
+
+
+def summarize(
+    runs: Sequence[Run], at: Sequence[int] = DEFAULT_AT, bootstrap_reps: int = DEFAULT_REPS, seed: int = 0
+) -> Summary:
+    """Per task, configuration and env step in `at`: mean, sample std and IQM over seeds with 95% stratified
+    bootstrap CIs (rliable), plus the published numbers of the same tasks and notes on missing or uneven data."""
+    if not runs:
+        raise SacaeError("There are no runs to summarise.")
+    if not at or any(s <= 0 for s in at):
+        raise SacaeError(f"The env steps to summarise at must be positive (got {', '.join(map(str, at)) or 'none'}).")
+    if bootstrap_reps < 1:
+        raise SacaeError(f"--bootstrap_reps must be at least 1 (got {bootstrap_reps}).")
+    at = tuple(sorted(set(at)))
+    grouped = _by_task(runs)
+    cells = [
+        _cell(task, configuration, seeds, env_steps)
+        for task, configurations in grouped.items()
+        for configuration, seeds in configurations.items()
+        for env_steps in at
+    ]
+    cells = _with_intervals(cells, bootstrap_reps, seed)
+    notes = {
+        task: _notes(configurations, [c for c in cells if c.task == task]) for task, configurations in grouped.items()
+    }
+    published = tuple(p for p in published_returns() if p.task in grouped and p.env_steps in at)
+    return Summary(tuple(runs), at, tuple(cells), notes, published, bootstrap_reps, seed)
+
+
+def _cell(task: str, configuration: str, seeds: list[Run], env_steps: int) -> Cell:
+    found = {run.seed: run.value_at(env_steps) for run in seeds}
+    values = {s: v[1] for s, v in found.items() if v is not None}
+    arr = np.array(list(values.values()))
+    return Cell(
+        task=task,
+        configuration=configuration,
+        method=seeds[0].method,
+        env_steps=env_steps,
+        seeds=tuple(run.seed for run in seeds),
+        values=values,
+        used_env_steps={s: v[0] for s, v in found.items() if v is not None},
+        mean=float(arr.mean()) if len(arr) else None,
+        std=float(arr.std(ddof=1)) if len(arr) > 1 else None,
+    )
+
+
+def _with_intervals(cells: list[Cell], reps: int, seed: int) -> list[Cell]:
+    """The cells with IQM and its (and the mean's) 95% stratified bootstrap CI over seeds filled in."""
+    scored = {i: np.array(list(c.values.values())).reshape(-1, 1) for i, c in enumerate(cells) if c.values}
+    if not scored:
+        return cells
+    from rliable import library as rly  # imported here: rliable pulls in arch, statsmodels and pandas
+    from rliable import metrics
+
+    def iqm_and_mean(scores: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_mean(scores)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # arch's notice about RandomState, which rliable passes
+        points, intervals = rly.get_interval_estimates(
+            {str(i): s for i, s in scored.items()}, iqm_and_mean, reps=reps, random_state=np.random.RandomState(seed)
+        )
+    out = list(cells)
+    for i in scored:
+        point, ci = points[str(i)], intervals[str(i)]
+        out[i] = dataclasses.replace(
+            cells[i],
+            iqm=float(point[0]),
+            iqm_ci=(float(ci[0, 0]), float(ci[1, 0])),
+            mean_ci=(float(ci[0, 1]), float(ci[1, 1])),
+        )
+    return out
+
+
+def steps_label(env_steps: int) -> str:
+    """100000 -> '100k', 1500000 -> '1.5M', 950 -> '950'."""
+    for size, unit in ((1_000_000, "M"), (1_000, "k")):
+        if env_steps >= size:
+            return f"{env_steps / size:.3g}{unit}"
+    return str(env_steps)
+
+
+def _notes(configurations: dict[str, list[Run]], cells: list[Cell]) -> list[str]:
+    notes: list[str] = []
+    counts = {name: len(seeds) for name, seeds in configurations.items()}
+    if len(set(counts.values())) > 1:
+        notes.append("The configurations have unequal numbers of seeds: "
+                     + ", ".join(f"{name} {n}" for name, n in counts.items()) + ".")  # fmt: skip
+    for name, seeds in configurations.items():
+        notes.extend(_length_notes(name, seeds))
+        notes.extend(_setting_notes(name, seeds))
+        notes.extend(_published_setting_notes(name, seeds))
+    for cell in cells:
+        notes.extend(_cell_notes(cell, {r.seed: r for r in configurations[cell.configuration]}))
+    return notes
+
+
+def _stop_text(run: Run) -> str:
+    last = run.last_eval_env_steps
+    if last is None:
+        text = f"{run.seed} has no evaluation yet"
+    else:
+        text = f"{run.seed} stops at {steps_label(last)} env steps"
+    return text + (f" ({run.state})" if run.state in ("running", "stopped", "failed") else "")
+
+
+def _length_notes(name: str, seeds: list[Run]) -> list[str]:
+    lasts = {r.seed: r.last_eval_env_steps for r in seeds}
+    if len(set(lasts.values())) <= 1:
+        return []
+    ends = ", ".join(f"{s} {steps_label(v) if v is not None else 'none'}" for s, v in lasts.items())
+    shortest = min((v for v in lasts.values() if v is not None), default=None)
+    tail = f"; past {steps_label(shortest)} its curve averages fewer seeds" if shortest is not None else ""
+    return [f"{name}: the seeds' last evaluations are at different env steps ({ends}){tail}."]
+
+
+def _setting_notes(name: str, seeds: list[Run]) -> list[str]:
+    # Where and how a run is executed, saved or restarted: not what it computes.
+    ignored = {"seed", "work_dir", "device", "num_threads", "save_tb", "save_video", "save_model",
+               "checkpoint_every", "resume", "no_resume", "force"}  # fmt: skip
+    first = seeds[0]
+    notes = []
+    for run in seeds[1:]:
+        keys = sorted(k for k in set(first.config) | set(run.config) if k not in ignored
+                      and first.config.get(k) != run.config.get(k))  # fmt: skip
+        if keys:
+            diffs = ", ".join(f"{k}={run.config.get(k)!r} ({first.seed}: {first.config.get(k)!r})" for k in keys)
+            notes.append(f"{name}: {run.seed} differs from {first.seed} in more than the seed: {diffs}.")
+    return notes
+
+
+def _published_setting_notes(name: str, seeds: list[Run]) -> list[str]:
+    method = PUBLISHED_METHOD.get(seeds[0].method)
+    ours = sorted({r.config.get("action_repeat") for r in seeds}, key=str)
+    theirs = sorted({p.action_repeat for p in published_returns() if p.method == method and p.task == seeds[0].task})
+    if theirs and ours != theirs:
+        return [f"{name} runs use action repeat {', '.join(map(str, ours))}; the published "
+                f"{METHOD_TITLE[method]} numbers use {', '.join(map(str, theirs))}."]  # fmt: skip
+    return []
+
+
+def _cell_notes(cell: Cell, runs: dict[str, Run]) -> list[str]:
+    at = steps_label(cell.env_steps)
+    notes = []
+    missing = [s for s in cell.seeds if s not in cell.values]
+    if missing:
+        why = "; ".join(_stop_text(runs[s]) for s in missing)
+        notes.append(f"At {at}, {cell.configuration} uses {cell.n} of {len(cell.seeds)} seeds: {why}.")
+    for seed, used in cell.used_env_steps.items():
+        if used != cell.env_steps:
+            last = runs[seed].last_eval_env_steps
+            reason = "its last; the run stops before" if last == used else "none at exactly"
+            notes.append(f"At {at}, {cell.configuration} {seed} counts its evaluation at {steps_label(used)} "
+                         f"env steps ({reason} {at}).")  # fmt: skip
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure drawn by the Agg canvas: no display and no pyplot state, so reports run headless and a notebook's
+    own backend is left alone (it still shows the returned figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _colors(configurations: Sequence[str]) -> dict[str, str]:
+    return {name: f"C{i}" for i, name in enumerate(sorted(configurations, key=_configuration_key))}
+
+
+def mean_curve(
+    seeds: Sequence[tuple[np.ndarray, np.ndarray]], reps: int = DEFAULT_REPS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Env steps, mean over seeds and the 95% percentile-bootstrap CI of that mean (resampling seeds) of curves
+    given as (env_steps, values) per seed; each step averages the seeds that logged it."""
+    grid = np.unique(np.concatenate([steps for steps, _ in seeds])) if seeds else np.array([], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    means, lows, highs = [], [], []
+    for step in grid:
+        v = np.array([values[steps == step][0] for steps, values in seeds if np.any(steps == step)])
+        means.append(v.mean())
+        if len(v) == 1:
+            lows.append(v[0])
+            highs.append(v[0])
+            continue
+        resampled = v[rng.integers(0, len(v), size=(reps, len(v)))].mean(axis=1)
+        lows.append(np.percentile(resampled, 2.5))
+        highs.append(np.percentile(resampled, 97.5))
+    return grid, np.array(means), np.array(lows), np.array(highs)
+
+
+def plot_returns(runs: Sequence[Run], task: str, reps: int = DEFAULT_REPS, published: bool = True) -> Figure:
+    """Evaluation return vs env steps of each configuration on `task`: the mean over seeds, a 95% bootstrap band
+    over seeds, each seed as a thin line, and the published mean ± std at 100k and 500k as error bars."""
+    configurations = _by_task(runs).get(task, {})
+    colors = _colors(list(configurations))
+    fig = _figure((7, 4.5))
+    ax = fig.subplots()
+    # Published numbers only within the steps the runs were meant to reach, so short runs keep a readable scale.
+    reach = max((r.planned_env_steps or r.last_eval_env_steps or 0 for r in runs if r.task == task), default=0)
+    for name, seeds in configurations.items():
+        curves = [c for c in (r.eval_curve() for r in seeds) if len(c[0])]
+        for steps, values in curves:
+            ax.plot(steps, values, color=colors[name], alpha=0.25, linewidth=0.8)
+        if curves:
+            grid, mean, low, high = mean_curve(curves, reps)
+            ax.plot(grid, mean, color=colors[name], linewidth=2, label=f"{name} ({len(curves)} seeds)")
+            ax.fill_between(grid, low, high, color=colors[name], alpha=0.2, linewidth=0)
+        if published:
+            _plot_published(ax, task, seeds[0].method, colors[name], reach)
+    ax.set(title=task, xlabel="environment steps", ylabel="evaluation return")
+    _steps_axis(ax)
+    ax.grid(alpha=0.3)
+    if configurations:
+        ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_published(ax: Any, task: str, method: str, color: str, reach: int) -> None:
+    rows = [p for p in published_returns() if p.task == task and p.method == PUBLISHED_METHOD.get(method)]
+    markers = {"curl": "o", "drq": "s"}
+    for p in rows:
+        if p.env_steps > reach:
+            continue
+        label = f"published {METHOD_TITLE[p.method]} ({SOURCE_TITLE.get(p.source, p.source)})"
+        ax.errorbar(p.env_steps, p.mean, yerr=p.std, color=color, marker=markers.get(p.source, "^"),
+                    markerfacecolor="none", capsize=3, linestyle="none", label=label)  # fmt: skip
+    _dedupe_legend_labels(ax)
+
+
+def _dedupe_legend_labels(ax: Any) -> None:
+    seen: set[str] = set()
+    for artist in ax.containers:
+        label = artist.get_label()
+        if label in seen:
+            artist.set_label("_" + label)
+        seen.add(label)
+
+
+def _spans_decades(series: Sequence[np.ndarray]) -> bool:
+    """Whether positive values range over more than a factor of 10 (a log axis then reads better)."""
+    values = np.concatenate([np.asarray(v, dtype=np.float64) for v in series])
+    return bool(len(values) and np.all(values > 0) and values.max() / values.min() > 10)
+
+
+def _steps_axis(ax: Any) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: steps_label(int(x)) if x >= 0 else ""))
+
+
+def plot_losses(runs: Sequence[Run], task: str, reps: int = DEFAULT_REPS) -> Figure:
+    """Critic, actor and autoencoder loss and the temperature alpha vs env steps on `task`, the mean over seeds of
+    each configuration (from train.log)."""
+    configurations = _by_task(runs).get(task, {})
+    colors = _colors(list(configurations))
+    fig = _figure((10, 6.5))
+    axes = fig.subplots(2, 2, sharex=True)
+    for ax, key in zip(axes.flat, LOSS_KEYS, strict=True):
+        plotted = False
+        for name, seeds in configurations.items():
+            curves = [c for c in (r.train_curve(key) for r in seeds) if len(c[0])]
+            if not curves:
+                continue
+            grid, mean, low, high = mean_curve(curves, reps)
+            ax.plot(grid, mean, color=colors[name], label=name)
+            ax.fill_between(grid, low, high, color=colors[name], alpha=0.2, linewidth=0)
+            plotted = True
+        if plotted and _spans_decades([line.get_ydata() for line in ax.get_lines()]):
+            ax.set_yscale("log")
+        if not plotted:
+            ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title=key)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("environment steps")
+        _steps_axis(ax)
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize="small")
+    fig.suptitle(f"{task}: training (mean over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pages: a list of blocks rendered both as Markdown and as HTML.
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def _table_block(summary: Summary, task: str, env_steps: int) -> tuple[str, list[str], list[list[str]]]:
+    header = ["", "seeds", "mean", "std", "IQM [95% CI]"]
+    rows = [
+        [c.configuration, f"{c.n} of {len(c.seeds)}", _fmt(c.mean), _fmt(c.std), _fmt(c.iqm) + _ci(c.iqm_ci)]
+        for c in summary.cells_of(task, env_steps)
+    ]
+    rows += [
+        [_published_label(p), "", f"{p.mean:.0f}", f"{p.std:.0f}", ""] for p in summary.published_of(task, env_steps)
+    ]
+    return ("table", header, rows)
+
+
+def _runs_block(runs: Sequence[Run]) -> tuple[str, list[str], list[list[str]]]:
+    header = ["configuration", "seed", "last eval (env steps)", "planned", "evaluations", "hours", "state", "resumes"]
+    rows = []
+    for r in runs:
+        last, planned = r.last_eval_env_steps, r.planned_env_steps
+        rows.append([r.configuration, r.seed, steps_label(last) if last is not None else "none",
+                     steps_label(planned) if planned is not None else "?", str(len(r.eval_curve()[0])),
+                     f"{r.wall_clock_hours:.2f}", r.state or "", _resumes_text(r)])  # fmt: skip
+    return ("table", header, rows)
+
+
+def _resumes_text(run: Run) -> str:
+    if run.resumes is not None:
+        return str(run.resumes)
+    return "yes" if run.resumed else "no sign"
+
+
+def _method_text(summary: Summary) -> str:
+    return (
+        "Return: the mean return of a run's evaluation episodes (deterministic policy). A seed's value at N env "
+        "steps is its evaluation at exactly N, else its last evaluation at most one evaluation interval "
+        "(eval_freq x action_repeat) before N, else missing. mean and std (sample, ddof 1) are over seeds; IQM is "
+        "the interquartile mean over seeds, with a 95% stratified bootstrap CI from `rliable` "
+        f"({summary.bootstrap_reps} resamples). Curves: the mean over seeds with a 95% bootstrap band over seeds. "
+        "Published rows: mean and std over seeds as reported in the cited table (plotted as hollow markers with "
+        "error bars: circles CURL, squares DrQ). Hours: status.json's elapsed time, or where a run has none, the "
+        "logged time of its training episodes and evaluations. Resumes: status.json's count; without one, yes when "
+        "a log's env steps go back."
+    )
+
+
+def _blocks(summary: Summary, images: dict[str, tuple[str, str]]) -> list[tuple[Any, ...]]:
+    grouped = _by_task(summary.runs)
+    blocks: list[tuple[Any, ...]] = [
+        ("h1", "Training report"),
+        (
+            "p",
+            f"Generated by `{summary.generated_by}` on "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: {_count(len(summary.runs), 'run')}, "
+            f"{_count(len(summary.tasks), 'task')}.",
+        ),  # fmt: skip
+        ("p", _method_text(summary)),
+    ]
+    for task in summary.tasks:
+        blocks += [("h2", task), ("img", *images[f"{task}_returns"])]
+        for env_steps in summary.at:
+            blocks += [("h3", f"At {steps_label(env_steps)} env steps"), _table_block(summary, task, env_steps)]
+        if summary.notes.get(task):
+            blocks += [("h3", "Notes"), ("ul", summary.notes[task])]
+        runs = [r for seeds in grouped[task].values() for r in seeds]
+        blocks += [("h3", "Runs"), _runs_block(runs), ("h3", "Training"), ("img", *images[f"{task}_losses"])]
+    return blocks
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(blocks: Sequence[tuple[Any, ...]]) -> str:
+    """The blocks as a Markdown page."""
+    out: list[str] = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + rest[0])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in rest[0]))
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({rest[0]})")
+        elif kind == "table":
+            header, rows = rest
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _inline_html(text: str) -> str:
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def render_html(blocks: Sequence[tuple[Any, ...]], image_dir: Path) -> str:
+    """The blocks as one self-contained HTML page (plots embedded as base64 PNG)."""
+    body: list[str] = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "h3", "p"):
+            body.append(f"<{kind}>{_inline_html(rest[0])}</{kind}>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in rest[0]) + "</ul>")
+        elif kind == "img":
+            data = base64.b64encode((image_dir / rest[0]).read_bytes()).decode("ascii")
+            body.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(rest[1])}">')
+        elif kind == "table":
+            header, rows = rest
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em}"
+             "td:not(:first-child){text-align:right}img{max-width:100%}code{background:#f3f3f3}")  # fmt: skip
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>Training report</title>'
+            f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")  # fmt: skip
+
+
+def report_command(path: str | Path, out_dir: str | Path | None, at: Sequence[int], bootstrap_reps: int) -> str:
+    """The `sacae report` command line that writes this report."""
+    words = ["sacae", "report", str(path)]
+    if out_dir is not None:
+        words += ["--out", str(out_dir)]
+    if tuple(at) != DEFAULT_AT:
+        words += ["--at", *map(str, at)]
+    if bootstrap_reps != DEFAULT_REPS:
+        words += ["--bootstrap_reps", str(bootstrap_reps)]
+    return shlex.join(words)
+
+
+def write_report(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    at: Sequence[int] = DEFAULT_AT,
+    bootstrap_reps: int = DEFAULT_REPS,
+) -> Path:
+    """Load the runs under `path`, summarise them and write report.md, report.html, summary.json and per task
+    <task>_returns.png and <task>_losses.png to `out_dir` (default: PATH/report). Returns the output folder."""
+    runs = load_runs(path)
+    out = Path(out_dir) if out_dir is not None else Path(path) / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SacaeError(f"The output folder {out} cannot be created ({e.strerror}).") from None
+    summary = dataclasses.replace(
+        summarize(runs, at, bootstrap_reps), generated_by=report_command(path, out_dir, at, bootstrap_reps)
+    )
+    images: dict[str, tuple[str, str]] = {}
+    for task in summary.tasks:
+        for kind, plot in (("returns", plot_returns), ("losses", plot_losses)):
+            fig = plot(runs, task, bootstrap_reps)
+            fig.savefig(out / f"{task}_{kind}.png", dpi=110)
+            images[f"{task}_{kind}"] = (f"{task}_{kind}.png", f"{task} {kind}")
+    blocks = _blocks(summary, images)
+    (out / "report.md").write_text(render_markdown(blocks))
+    (out / "report.html").write_text(render_html(blocks, out))
+    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    return out
+
+
+def report(args: ReportArgs) -> None:
+    """`sacae report`: write the report and say where."""
+    out = write_report(args.path, args.out, args.at, args.bootstrap_reps)
+    print(f"Wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'summary.json'} and the plots.")
