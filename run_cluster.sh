@@ -19,7 +19,7 @@ INIT_STEPS=${INIT_STEPS:-1000}                 # random-action seed phase, agent
 BATCH_SIZE=${BATCH_SIZE:-128}
 EVAL_FREQ=${EVAL_FREQ:-10000}                  # agent steps between evaluations
 NUM_EVAL_EPISODES=${NUM_EVAL_EPISODES:-10}
-OUTPUTS=${OUTPUTS:---save_tb --save_video}     # add --save_model for network snapshots
+OUTPUTS=${OUTPUTS---save_tb --save_video}      # add --save_model for network snapshots; empty: none
 
 # ---- how many runs and where -------------------------------------------------------------------------------
 SEEDS=${SEEDS:-10}                             # seeds 1..SEEDS

@@ -254,6 +254,8 @@ def human_steps(n: int | None) -> str:
         return f"{n / 1e6:.2f}M".replace(".00M", "M")
     if n >= 10_000:
         return f"{n / 1e3:.0f}k"
+    if n >= 1000:
+        return f"{n / 1e3:.1f}k"
     return str(n)
 
 

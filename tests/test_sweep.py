@@ -1,0 +1,298 @@
+"""sacae sweep on this machine (the local executor) and sacae status, with tiny state-based runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sacae import sweep as sweep_module
+from sacae.cli import main
+from sacae.status import collect_status, format_table, run_status
+from sacae.sweep import SlurmJob, SweepArgs, plan_sweep, sbatch_lines, slurm_script, sweep
+from tests.conftest import SMALL, run_cli
+
+# One 1000-env-step episode (125 agent steps at action repeat 8), evaluated at the end: ~6 s, mostly start-up.
+TINY = [
+    "--encoder_type", "identity", "--decoder_type", "identity", "--action_repeat", "8", "--num_train_steps", "125",
+    "--init_steps", "50", "--eval_freq", "125", "--num_eval_episodes", "1", "--num_threads", "1", *SMALL,
+]  # fmt: skip
+TASK = "cartpole_swingup"
+
+
+def run_dir(runs: Path, seed: int, configuration: str = "sac_states") -> Path:
+    return runs / TASK / configuration / f"seed_{seed}"
+
+
+def local_sweep(runs: Path, *extra: str, train=TINY, timeout=300):
+    args = ["sweep", "--executor", "local", "--tasks", TASK, "--runs_dir", str(runs), *extra, "--", *train]
+    return run_cli(args, cwd=runs.parent, timeout=timeout)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def status_of(d: Path) -> dict:
+    try:
+        return json.loads((d / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """Two seeds run to the end by one local sweep, then the same sweep again."""
+    runs = tmp_path_factory.mktemp("sweep") / "runs"
+    first = local_sweep(runs, "--num_seeds", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    snapshot = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    second = local_sweep(runs, "--num_seeds", "2")
+    return runs, first, second, snapshot
+
+
+def test_local_sweep_writes_the_layout(finished_sweep):
+    runs, first, _, _ = finished_sweep
+    assert "2 run(s) on" in first.stdout and "2 at a time" in first.stdout
+    for seed in (1, 2):
+        d = run_dir(runs, seed)
+        for name in ("id", "stdout", "stderr", "run.sh", "config.json", "train.log", "eval.log", "status.json"):
+            assert (d / name).is_file(), f"{d}/{name} is missing"
+        assert not (d / "run.slrm").exists()  # a local run is no Slurm job
+        assert (d / "id").read_text().strip().isdigit()
+        script = (d / "run.sh").read_text()
+        assert f"--task {TASK} " in script and f"--seed {seed} --work_dir {d}\n" in script
+        assert os.access(d / "run.sh", os.X_OK)
+        assert status_of(d)["state"] == "finished"
+        assert json.loads((d / "config.json").read_text())["seed"] == seed
+        assert "| eval | S: 1000 |" in (d / "stdout").read_text()
+
+
+def test_second_sweep_starts_nothing(finished_sweep):
+    runs, _, second, snapshot = finished_sweep
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("finished, skipped") == 2 and "started" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == snapshot
+
+
+def test_status_of_finished_and_failed_runs(finished_sweep, capsys):
+    runs, _, _, _ = finished_sweep
+    # A flag that passes the sweep's checks but makes the trainer stop at once.
+    failed = local_sweep(runs, "--seeds", "7", train=[*TINY, "--device", "nonsense"])
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "exited with status 2" in failed.stdout
+
+    rows = {row.seed: row for row in collect_status([runs])}
+    assert [rows[s].state for s in ("1", "2", "7")] == ["finished", "finished", "failed"]
+    assert rows["1"].env_steps == rows["1"].total_env_steps == 1000
+    assert rows["1"].eval_return is not None and rows["1"].steps_per_second > 0
+    assert "--device nonsense is not a device name" in rows["7"].detail
+    assert main(["status", str(runs)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:4] == ["task", "configuration", "seed", "state"]
+    assert "3 runs: 1 failed, 2 finished" in table
+
+
+def test_running_run_is_left_alone_then_stopped_then_resumed(tmp_path):
+    """A run that is running shows as running and a second sweep leaves it alone; Ctrl-C stops it with a
+    checkpoint (stopped) and the next sweep resumes it to the end."""
+    runs = tmp_path / "runs"
+    longer = [*TINY, "--num_train_steps", "1250", "--eval_freq", "625"]  # ten episodes, ~10 s
+    args = ["sweep", "--executor", "local", "--tasks", TASK, "--runs_dir", str(runs), "--num_seeds", "1", "--", *longer]
+    background = subprocess.Popen(
+        [sys.executable, "-m", "sacae.cli", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    d = run_dir(runs, 1)
+    try:
+        wait_for(lambda: status_of(d).get("env_steps", 0) >= 1000, 120, "the run's first episode")
+        [row] = collect_status([runs])
+        assert row.state == "running" and row.job == (d / "id").read_text().strip()
+        lines: list[str] = []
+        again = sweep(
+            SweepArgs(tasks=(TASK,), train_args=tuple(longer), num_seeds=1, runs_dir=str(runs), executor="local"),
+            say=lines.append,
+            cwd=tmp_path,
+        )
+        assert again == {f"{TASK}/sac_states/seed_1": f"running {row.job}"}, lines
+        background.send_signal(signal.SIGINT)
+        out, _ = background.communicate(timeout=120)
+    finally:
+        if background.poll() is None:
+            background.kill()
+    assert background.returncode == 130, out
+    [row] = collect_status([runs])
+    assert row.state == "stopped", (row, out)
+    assert 0 < row.env_steps < 10000
+
+    resumed = local_sweep(runs, "--num_seeds", "1", train=longer)
+    assert resumed.returncode == 0, resumed.stdout + (d / "stderr").read_text()[-3000:]
+    [row] = collect_status([runs])
+    assert row.state == "finished" and row.env_steps == 10000
+    episodes = [r["episode"] for r in map(json.loads, (d / "train.log").read_text().splitlines())]
+    assert episodes == list(range(1, 11))  # resumed, not started over
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without training
+
+
+def one_sentence_error(capsys, argv) -> str:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sacae: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--", "--seed", "3"], "The sweep sets --seed itself"),
+        (["--", "--work-dir=x"], "The sweep sets --work_dir itself"),
+        (["--", "--no_resume"], "The sweep sets --no_resume itself"),
+        (["--", "--bogus_flag", "1"], "`sacae train` has no flag --bogus_flag"),
+        (["--", "--encoder_type", "conv"], "are not valid for `sacae train`"),
+        (["--", "--encoder_type", "identity"], "--decoder_type pixel needs --encoder_type pixel"),
+        (["--num_seeds", "0"], "--num_seeds must be at least 1"),
+        (["--seeds", "1", "1"], "--seeds lists a seed twice"),
+        (["--max_parallel", "0"], "--max_parallel must be at least 1"),
+    ],
+)
+def test_bad_sweeps(capsys, tmp_path, extra, expected):
+    line = one_sentence_error(capsys, ["sweep", "--tasks", TASK, "--runs_dir", str(tmp_path), "--dry_run", *extra])
+    assert expected in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_task(capsys, tmp_path):
+    line = one_sentence_error(capsys, ["sweep", "--tasks", "walker_fly", "--runs_dir", str(tmp_path), "--dry_run"])
+    assert "Unknown dm_control task 'walker_fly'" in line
+
+
+def test_other_flags_in_a_started_run_folder(capsys, tmp_path):
+    args = SweepArgs(tasks=(TASK,), train_args=tuple(TINY), num_seeds=1, runs_dir=str(tmp_path / "runs"))
+    [plan] = plan_sweep(args, tmp_path)
+    plan.run_dir.mkdir(parents=True)
+    (plan.run_dir / "run.sh").write_text(f"exec sacae train --task {TASK} --num_train_steps 99\n")
+    (plan.run_dir / "status.json").write_text('{"state": "stopped"}')
+    line = one_sentence_error(
+        capsys, ["sweep", "--tasks", TASK, "--num_seeds", "1", "--runs_dir", str(tmp_path / "runs"), "--", *TINY]
+    )
+    assert "holds a run started with other training flags (it has --num_train_steps 99" in line
+
+
+def test_configuration_folder_follows_the_flags(tmp_path):
+    def configuration(*flags):
+        args = SweepArgs(tasks=("walker_walk",), train_args=flags, num_seeds=1, runs_dir="r")
+        return plan_sweep(args, tmp_path)[0].run_dir.relative_to(tmp_path / "r").parts[1]
+
+    assert configuration() == "sac_ae"
+    assert configuration("--decoder_type", "identity") == "sac_pixel"
+    assert configuration("--encoder_type", "identity", "--decoder_type", "identity") == "sac_states"
+    # The last of a repeated flag wins, as in `sacae train`.
+    assert configuration("--decoder_type", "identity", "--decoder_type", "pixel") == "sac_ae"
+
+
+def test_slurm_script(tmp_path):
+    args = SweepArgs(
+        tasks=("walker_walk",), num_seeds=1, runs_dir="r", partition="gpu", time="72:00:00", cpus_per_task=10,
+        account="rl", sbatch_options=("qos=high", "--constraint=volta"), signal_seconds=600,
+    )  # fmt: skip
+    [plan] = plan_sweep(args, tmp_path)
+    lines = sbatch_lines(args, plan)
+    for expected in ("--requeue", "--open-mode=append", "--signal=B:USR1@600", "--partition=gpu", "--time=72:00:00",
+                     "--cpus-per-task=10", "--gres=gpu:1", "--account=rl", "--qos=high", "--constraint=volta",
+                     f"--output={plan.run_dir}/stdout", f"--error={plan.run_dir}/stderr"):  # fmt: skip
+        assert expected in lines
+    # sac_ae, 1M transitions of one 84x84x3 frame each: 19.8 GiB of replay, plus 3 GiB.
+    assert "--mem=23G" in lines
+    script = slurm_script(args, plan)
+    assert script.startswith("#!/bin/bash\n#SBATCH ")
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and f"bash {plan.run_dir}/run.sh &" in script
+    states = SweepArgs(tasks=("walker_walk",), train_args=("--encoder_type", "identity", "--decoder_type", "identity"),
+                       num_seeds=1, runs_dir="r", mem="none")  # fmt: skip
+    [plan] = plan_sweep(states, tmp_path)
+    lines = sbatch_lines(states, plan)
+    assert not any(line.startswith(("--gres", "--mem", "--partition", "--time")) for line in lines)
+
+
+def test_auto_executor_without_sbatch(monkeypatch):
+    monkeypatch.setattr(sweep_module.shutil, "which", lambda name: None)
+    said: list[str] = []
+    assert sweep_module.choose_executor("auto", said.append) == "local"
+    assert said == ["sbatch is not on PATH: running the sweep on this machine (--executor local), in the foreground"]
+    with pytest.raises(sweep_module.SacaeError, match="--executor slurm needs sbatch on PATH"):
+        sweep_module.choose_executor("slurm", said.append)
+
+
+def fake_run(tmp_path: Path, state: str | None = None, job_id: str | None = "41", slurm: bool = True, **status):
+    d = tmp_path / TASK / "sac_states" / "seed_1"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "run.sh").write_text("exec sacae train\n")
+    if slurm:
+        (d / "run.slrm").write_text("#!/bin/bash\n")
+    if job_id:
+        (d / "id").write_text(job_id + "\n")
+    if state:
+        (d / "status.json").write_text(json.dumps({"state": state, "env_steps": 3000, "total_env_steps": 10000,
+                                                   "host": "somewhere", **status}))  # fmt: skip
+    return d
+
+
+@pytest.mark.parametrize(
+    ("state", "job", "expected", "detail"),
+    [
+        (None, SlurmJob("41", "PENDING", "Priority", 0), "queued", "waiting (Priority)"),
+        (None, SlurmJob("41", "RUNNING", "None", 0), "running", "starting"),
+        ("running", SlurmJob("41", "RUNNING", "None", 1), "running", "restarts 1"),
+        ("stopped", SlurmJob("41", "PENDING", "BeginTime", 1), "requeued", "restarts 1, waiting (BeginTime)"),
+        ("running", SlurmJob("41", "REQUEUED", "None", 2), "requeued", "restarts 2"),
+        ("running", SlurmJob("41", "SUSPENDED", "None", 0), "suspended", ""),
+        ("finished", SlurmJob("41", "COMPLETING", "None", 0), "finished", ""),
+        ("stopped", None, "stopped", "stopped by SIGTERM"),
+        ("failed", None, "failed", "stopped by SIGTERM"),
+        ("running", SlurmJob("41", "OUT_OF_MEMORY", "None", 0), "failed", "Slurm: OUT_OF_MEMORY, ended without a word"),
+    ],
+)
+def test_status_of_slurm_runs(tmp_path, state, job, expected, detail):
+    d = fake_run(tmp_path, state, message="stopped by SIGTERM")
+    row = run_status(d, {"41": job} if job else {})
+    assert (row.state, row.detail) == (expected, detail)
+    assert (row.task, row.configuration, row.seed, row.job) == (TASK, "sac_states", "1", "41")
+
+
+def test_status_without_squeue_and_of_dead_local_runs(tmp_path):
+    d = fake_run(tmp_path, "running")
+    row = run_status(d, None)
+    assert row.state == "running" and row.detail.startswith("Slurm cannot be asked from here")
+
+    d = fake_run(tmp_path / "local", "running", job_id="999999999", slurm=False, host=os.uname().nodename)
+    (d / "stderr").write_text("sacae: seed-phase updates 10/10\nKilled\n")
+    row = run_status(d, {})
+    assert row.state == "failed" and row.detail == "ended without a word: Killed"
+
+    d = fake_run(tmp_path / "new", job_id=None, slurm=False)
+    assert run_status(d, {}).state == "new"
+
+
+def test_table_format():
+    from sacae.status import RunStatus
+
+    row = RunStatus("p", TASK, "sac_ae", "3", "running", 123_000, 500_000, 812.34, 120_000, 210.4, 3725.0, "77", "")
+    table = format_table([row])
+    header, line, summary = table.splitlines()
+    assert line.split() == [TASK, "sac_ae", "3", "running", "123k/500k", "812.3", "210", "1h02m", "77"]
+    assert header.index("env steps") == line.index("123k/500k")
+    assert table.endswith("1 run: 1 running")
