@@ -1,4 +1,4 @@
-"""The `sacae` command (train, eval, bench, report): a thin layer over functions a user can import."""
+"""The `sacae` command (train, eval, bench, sweep, status, report): a thin layer over functions a user can import."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from sacae.bench import BenchArgs
 from sacae.config import TrainConfig
 from sacae.errors import SacaeError
 from sacae.report import ReportArgs
+from sacae.status import StatusArgs
+from sacae.sweep import SweepArgs
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,27 @@ def run_guarded(fn: Callable[[], None]) -> int:
     return 0
 
 
+def run_sweep(args: SweepArgs) -> int:
+    """Exit status 1 when a local run of the sweep failed, as well as the usual 2 for bad input."""
+    from sacae.sweep import sweep
+
+    outcome: dict[str, str] = {}
+    code = run_guarded(lambda: outcome.update(sweep(args)))
+    if code == 0 and any(v.startswith("exited") for v in outcome.values()):
+        return 1
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.extras.subcommand_cli_from_dict(
-        {"train": TrainConfig, "eval": EvalArgs, "bench": BenchArgs, "report": ReportArgs},
+        {
+            "train": TrainConfig,
+            "eval": EvalArgs,
+            "bench": BenchArgs,
+            "sweep": SweepArgs,
+            "status": StatusArgs,
+            "report": ReportArgs,
+        },
         prog="sacae",
         description="SAC+AE for the DeepMind Control Suite.",
         args=argv,
@@ -72,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if isinstance(args, TrainConfig):
         return run_guarded(lambda: train(args))
+    if isinstance(args, SweepArgs):
+        return run_sweep(args)
+    if isinstance(args, StatusArgs):
+        from sacae.status import show_status
+
+        return run_guarded(lambda: show_status(args))
     if isinstance(args, ReportArgs):
         from sacae.report import report
 
