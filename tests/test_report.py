@@ -259,6 +259,6 @@ def test_end_to_end_over_two_real_training_runs(tmp_path):
     assert "At 2k, sac_states seed_2 counts its evaluation at 1k env steps (its last; the run stops before 2k)." in (
         markdown
     )
-    assert "| sac_states | seed_1 | 2k | 2k | 3 |" in markdown and "| finished | 0 |" in markdown
+    assert "| sac_states | seed_1 | 2k | 2k | 3 |" in markdown and "| sac_states | seed_2 | 1k | 1k | 2 |" in markdown
     first = load_runs(tmp_path / "runs" / "cartpole_swingup" / "sac_states")[0]
-    assert list(first.train_curve("critic_loss")[0]) == [1000, 2000] and first.resumes == 0
+    assert list(first.train_curve("critic_loss")[0]) == [1000, 2000] and not first.resumed
