@@ -441,6 +441,7 @@ def run_local(
         if local_process_alive(read_id(plan.run_dir), plan.run_dir):
             say(f"{plan.name}: already running as process {read_id(plan.run_dir)}, left alone")
             return
+        previous = read_status(plan.run_dir)
         env = dict(os.environ)
         if "--num_threads" not in plan.command and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(threads)
@@ -456,7 +457,8 @@ def run_local(
             )
         write_text(plan.run_dir / "id", f"{process.pid}\n")
         running.append(LocalRun(plan, process, time.time()))
-        say(f"{plan.name}: started, process {process.pid}")
+        verb = f"resumed at {previous.get('env_steps')} env steps" if previous else "started"
+        say(f"{plan.name}: {verb}, process {process.pid}")
 
     def reap() -> None:
         for run in list(running):
@@ -567,8 +569,8 @@ def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path |
         def say(line: str) -> None:
             print(f"sacae sweep: {line}", flush=True)
 
-    if args.signal_seconds < 1:
-        raise SacaeError(f"--signal_seconds must be at least 1 (got {args.signal_seconds}).")
+    if not 1 <= args.signal_seconds <= 65535:
+        raise SacaeError(f"--signal_seconds must lie in [1, 65535] as sbatch takes it (got {args.signal_seconds}).")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise SacaeError(f"--max_parallel must be at least 1 (got {args.max_parallel}).")
     cwd = (cwd or Path.cwd()).resolve()
@@ -577,11 +579,14 @@ def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path |
         check_same_command(plan)
     executor = choose_executor(args.executor, say)
 
+    # Runs submitted to Slurm before are checked against squeue whichever executor starts them now.
+    slurm_ids = [read_id(p.run_dir) for p in plans if (p.run_dir / "run.slrm").exists()]
     jobs: dict[str, SlurmJob] | None = {}
-    if executor == "slurm":
-        jobs = slurm_jobs(filter(None, (read_id(p.run_dir) for p in plans)))
-        if jobs is None:
+    if executor == "slurm" or any(slurm_ids):
+        jobs = slurm_jobs(filter(None, slurm_ids))
+        if jobs is None and executor == "slurm":
             raise SacaeError("squeue did not answer, so the sweep cannot tell which runs are still queued or running.")
+        jobs = jobs or {}
 
     outcome: dict[str, str] = {}
     to_start: list[RunPlan] = []
@@ -592,7 +597,7 @@ def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path |
             outcome[plan.name] = "finished"
             say(f"{plan.name}: finished, skipped")
             continue
-        if executor == "slurm" and (plan.run_dir / "run.slrm").exists() and job_id in jobs and jobs[job_id].live:
+        if (plan.run_dir / "run.slrm").exists() and job_id in jobs and jobs[job_id].live:
             outcome[plan.name] = f"running {job_id}"
             say(f"{plan.name}: job {job_id} is {jobs[job_id].state.lower()}, left alone")
             continue
