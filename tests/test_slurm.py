@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def slurm_env():
 
 def run_cluster(cwd: Path, env, *flags: str, seeds: int = 2, **variables: str):
     variables = {"SEEDS": str(seeds), "EXECUTOR": "slurm", "RUNS_DIR": "runs", **variables}
+    sacae = Path(sys.executable).parent / "sacae"  # the sacae of the Python running the tests
+    if sacae.is_file():
+        variables.setdefault("SACAE", str(sacae))
     return subprocess.run(
         [str(ROOT / "run_cluster.sh"), "cartpole", "swingup", *flags], cwd=cwd, env={**env, **variables},
         capture_output=True, text=True, timeout=300,
