@@ -107,7 +107,7 @@ def test_running_run_is_left_alone_then_stopped_then_resumed(tmp_path):
     """A run that is running shows as running and a second sweep leaves it alone; Ctrl-C stops it with a
     checkpoint (stopped) and the next sweep resumes it to the end."""
     runs = tmp_path / "runs"
-    longer = [*TINY, "--num_train_steps", "1250", "--eval_freq", "625"]  # ten episodes, ~10 s
+    longer = [*TINY, "--num_train_steps", "2500", "--eval_freq", "1250"]  # twenty episodes, ~15 s
     args = ["sweep", "--executor", "local", "--tasks", TASK, "--runs_dir", str(runs), "--num_seeds", "1", "--", *longer]
     background = subprocess.Popen(
         [sys.executable, "-m", "sacae.cli", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -133,14 +133,15 @@ def test_running_run_is_left_alone_then_stopped_then_resumed(tmp_path):
     assert background.returncode == 130, out
     [row] = collect_status([runs])
     assert row.state == "stopped", (row, out)
-    assert 0 < row.env_steps < 10000
+    assert 0 < row.env_steps < 20000
 
     resumed = local_sweep(runs, "--num_seeds", "1", train=longer)
     assert resumed.returncode == 0, resumed.stdout + (d / "stderr").read_text()[-3000:]
+    assert f"resumed at {row.env_steps} env steps" in resumed.stdout
     [row] = collect_status([runs])
-    assert row.state == "finished" and row.env_steps == 10000
+    assert row.state == "finished" and row.env_steps == 20000
     episodes = [r["episode"] for r in map(json.loads, (d / "train.log").read_text().splitlines())]
-    assert episodes == list(range(1, 11))  # resumed, not started over
+    assert episodes == list(range(1, 21))  # resumed, not started over
 
 
 # ---------------------------------------------------------------------------------------------------------------
