@@ -10,6 +10,7 @@ again with the same command, which resumes them from their checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shlex
@@ -215,8 +216,6 @@ def read_id(run_dir: Path) -> str | None:
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     """The trainer's status.json (None when the run never started or the file cannot be read)."""
-    import json
-
     try:
         status = json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
@@ -231,11 +230,12 @@ def local_process_alive(pid_text: str | None, run_dir: Path) -> bool:
     proc = Path("/proc") / pid_text
     try:
         stat = (proc / "stat").read_text()
-        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
     state = stat.rsplit(")", 1)[-1].split()[0]
-    return state not in ("Z", "X") and str(run_dir) in cmdline
+    folder = str(run_dir)
+    return state not in ("Z", "X") and any(a == folder or a.startswith(folder + "/") for a in argv)
 
 
 def write_text(path: Path, text: str, mode: int = 0o644) -> None:
