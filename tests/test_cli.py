@@ -20,36 +20,114 @@ def one_sentence_error(capsys, argv) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(
-    ("argv", "expected"),
-    [
-        (["--domain_name", "cheeta"], "valid domains: acrobot, ball_in_cup"),
-        (["--domain_name", "cheetah", "--task_name", "runn"], "valid tasks: run"),
-        (["--task", "walker_fly"], "walker_walk"),
-        (["--encoder_type", "identity", "--decoder_type", "pixel"], "--decoder_type pixel needs --encoder_type pixel"),
-        (["--action_repeat", "0"], "--action_repeat must be at least 1"),
-        (["--action_repeat", "-3"], "--action_repeat must be at least 1"),
-        (["--image_size", "10"], "--image_size 10 is too small for 4 conv layers"),
-        (["--image_size", "20", "--num_layers", "6"], "too small for 6 conv layers"),
-        (["--eval_freq", "0"], "--eval_freq must be at least 1"),
-        (["--batch_size", "0"], "--batch_size must be at least 1"),
-        (["--num_train_steps", "-1"], "--num_train_steps must be non-negative"),
-        (["--discount", "1.5"], "--discount must lie in [0, 1]"),
-        (["--critic_lr", "0"], "--critic_lr must be a positive number"),
-        (["--replay_buffer_capacity", "0"], "--replay_buffer_capacity must be at least 1"),
-        (["--actor_log_std_min", "3"], "must be below --actor_log_std_max"),
-    ],
-)
-def test_bad_flags(capsys, tmp_path, argv, expected):
-    line = one_sentence_error(capsys, ["train", "--work_dir", str(tmp_path / "run"), *TINY, *argv])
-    assert expected in line
+def saved_run(tmp_path, **changes):
+    """A work dir holding the config.json that `train --work_dir RUN *TINY` would write, plus `changes`."""
+    from sacae.config import TrainConfig, resolve
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = TrainConfig(work_dir=str(run), num_train_steps=10, init_steps=5, num_eval_episodes=0, **changes)
+    (run / "config.json").write_text(resolve(cfg).to_json())
+    return run
 
 
-def test_unwritable_work_dir(capsys, tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    line = one_sentence_error(capsys, ["train", "--work_dir", str(blocker / "run"), *TINY])
-    assert "is not writable" in line and str(blocker / "run") in line
+def with_file(name: str, content: bytes, **changes):
+    def setup(tmp_path):
+        run = saved_run(tmp_path, **changes)
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(content)
+        return ["--work_dir", str(run), *TINY]
+
+    return setup
+
+
+def flags(*argv):
+    return lambda tmp_path: ["--work_dir", str(tmp_path / "run"), *TINY, *argv]
+
+
+def a_file_as_work_dir(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    return ["--work_dir", str(tmp_path / "a_file" / "run"), *TINY]
+
+
+def resume_from(content: str | None):
+    def setup(tmp_path):
+        (tmp_path / "old").mkdir()
+        if content is not None:
+            (tmp_path / "old" / "config.json").write_text(content)
+        return ["--resume", str(tmp_path / "old")]
+
+    return setup
+
+
+# Each bad input: how to make it (a function of a fresh tmp_path returning the train flags) and the words its one
+# sentence must hold. Flags, env names, config files, run dirs, checkpoints and permissions.
+BAD_INPUTS = {
+    "unknown domain": (flags("--domain_name", "cheeta"), "valid domains: acrobot, ball_in_cup"),
+    "unknown task": (flags("--domain_name", "cheetah", "--task_name", "runn"), "valid tasks: run"),
+    "unknown task shorthand": (flags("--task", "walker_fly"), "walker_walk"),
+    "decoder without pixels": (
+        flags("--encoder_type", "identity", "--decoder_type", "pixel"),
+        "--decoder_type pixel needs --encoder_type pixel",
+    ),
+    "action repeat 0": (flags("--action_repeat", "0"), "--action_repeat must be at least 1"),
+    "negative action repeat": (flags("--action_repeat", "-3"), "--action_repeat must be at least 1"),
+    "image too small": (flags("--image_size", "10"), "--image_size 10 is too small for 4 conv layers"),
+    "image too small for layers": (flags("--image_size", "20", "--num_layers", "6"), "too small for 6 conv layers"),
+    "eval_freq 0": (flags("--eval_freq", "0"), "--eval_freq must be at least 1"),
+    "batch 0": (flags("--batch_size", "0"), "--batch_size must be at least 1"),
+    "negative steps": (flags("--num_train_steps", "-1"), "--num_train_steps must be non-negative"),
+    "discount above 1": (flags("--discount", "1.5"), "--discount must lie in [0, 1]"),
+    "zero learning rate": (flags("--critic_lr", "0"), "--critic_lr must be a positive number"),
+    "empty replay": (flags("--replay_buffer_capacity", "0"), "--replay_buffer_capacity must be at least 1"),
+    "log std bounds": (flags("--actor_log_std_min", "3"), "must be below --actor_log_std_max"),
+    "negative checkpoint interval": (flags("--checkpoint_every", "-5"), "--checkpoint_every must be non-negative"),
+    "force alone": (flags("--force"), "--force only applies with --no_resume"),
+    "resume and no_resume": (flags("--resume", "x", "--no_resume"), "contradict each other"),
+    "work dir is a file": (a_file_as_work_dir, "is not writable"),
+    "work dir without permission": (
+        lambda tmp_path: ["--work_dir", "/proc/sacae-run", *TINY],
+        "The work dir /proc/sacae-run is not writable",
+    ),
+    "resume a missing dir": (
+        lambda tmp_path: ["--resume", str(tmp_path / "nope")],
+        "there is no such run directory",
+    ),
+    "resume a dir without config": (resume_from(None), "has no config.json"),
+    "resume a config that is not JSON": (resume_from("{not json"), "is not valid JSON"),
+    "resume a config with unknown keys": (resume_from('{"learning_rate": 3}'), "unknown keys: learning_rate"),
+    "resume a config that is not an object": (resume_from("[1, 2]"), "does not hold a JSON object"),
+    "work dir of another configuration": (
+        lambda tmp_path: ["--work_dir", str(saved_run(tmp_path, seed=7)), *TINY],
+        "holds a run with a different configuration (--seed 7 (now 1))",
+    ),
+    "logs without a config": (
+        lambda tmp_path: (tmp_path / "train.log").write_text('{"episode": 1}\n') and ["--work_dir", str(tmp_path)],
+        "holds logs but no config.json",
+    ),
+    "finished run started over without --force": (
+        with_file("status.json", b'{"state": "finished"}'),
+        "holds a finished run; add --force",
+    ),
+    "checkpoint that is not a checkpoint": (
+        with_file("checkpoint/state-000000000005.pt", b"PK\x03\x04 torn"),
+        "state-000000000005.pt is not a readable sacae snapshot",
+    ),
+    "replay that cannot fit": (
+        flags("--replay_buffer_capacity", "100000000", "--num_train_steps", "100000000"),
+        "lower --replay_buffer_capacity",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(capsys, tmp_path, case):
+    setup, expected = BAD_INPUTS[case]
+    argv = setup(tmp_path)
+    if case == "finished run started over without --force":
+        argv = [*argv, "--no_resume"]
+    line = one_sentence_error(capsys, ["train", *argv])
+    assert expected in line, line
 
 
 def test_replay_that_cannot_fit(capsys, tmp_path):
@@ -57,7 +135,6 @@ def test_replay_that_cannot_fit(capsys, tmp_path):
             "100000000"]  # fmt: skip
     line = one_sentence_error(capsys, argv)
     assert "The replay buffer needs 2" in line and "GB for 100,000,000 transitions" in line
-    assert "lower --replay_buffer_capacity" in line
     assert not (tmp_path / "train.log").exists()
 
 
@@ -65,12 +142,6 @@ def test_replay_that_cannot_fit(capsys, tmp_path):
 def test_cuda_without_gpu(capsys, tmp_path):
     line = one_sentence_error(capsys, ["train", "--work_dir", str(tmp_path), *TINY, "--device", "cuda"])
     assert "sees no CUDA GPU" in line
-
-
-def test_work_dir_with_a_run_in_it(capsys, tmp_path):
-    (tmp_path / "train.log").write_text('{"episode": 1}\n')
-    line = one_sentence_error(capsys, ["train", "--work_dir", str(tmp_path), *TINY])
-    assert "already holds a run" in line
 
 
 def test_eval_of_missing_and_empty_run_dirs(capsys, tmp_path):

@@ -31,10 +31,16 @@ def preprocess_target(obs: torch.Tensor, bits: int = 5) -> torch.Tensor:
 
 
 class Metrics:
-    """Sums of per-update scalars kept on the device; read once (one host sync) when an episode is logged."""
+    """Sums of per-update scalars kept on the device; read once (one host sync) when an episode is logged.
+
+    Each metric also remembers the first update step at which it was not finite (-1 while all were), so a
+    diverging run is caught at the next read without any per-update host synchronisation.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.step = 0  # the update step the next values belong to
+        self.first_nonfinite = torch.full((len(METRIC_NAMES),), -1.0, dtype=torch.float64, device=device)
         self.reset()
 
     def reset(self) -> None:
@@ -43,13 +49,29 @@ class Metrics:
 
     def add(self, name: str, value: torch.Tensor) -> None:
         i = METRIC_NAMES.index(name)
-        self.sums[i] += value.detach().to(torch.float64)
+        value = value.detach().to(torch.float64)
+        self.sums[i] += value
         self.counts[i] += 1
+        seen = self.first_nonfinite[i]
+        self.first_nonfinite[i] = torch.where(torch.isfinite(value) | (seen >= 0), seen, float(self.step))
+
+    def nonfinite(self) -> dict[str, int]:
+        """{metric: first update step where it was NaN or infinite} (one host sync)."""
+        steps = self.first_nonfinite.tolist()
+        return {n: int(s) for n, s in zip(METRIC_NAMES, steps, strict=True) if s >= 0}
 
     def pop(self) -> dict[str, float | None]:
         sums, counts = torch.stack([self.sums, self.counts]).tolist()
         self.reset()
         return {n: (s / c if c else None) for n, s, c in zip(METRIC_NAMES, sums, counts, strict=True)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        names = ("sums", "counts", "first_nonfinite")
+        return {name: getattr(self, name).clone() for name in names}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in ("sums", "counts", "first_nonfinite"):
+            setattr(self, name, state[name].to(device=self.device, dtype=torch.float64).clone())
 
 
 class SacAeAgent:
@@ -155,6 +177,7 @@ class SacAeAgent:
         cfg = self.cfg
         obs, action, reward, next_obs, not_done = batch
         m = self.metrics
+        m.step = step
         m.add("batch_reward", reward.mean())
         with self._autocast():
             self._update_critic(obs, action, reward, next_obs, not_done)
@@ -238,6 +261,13 @@ class SacAeAgent:
             "optimizers": {k: v.state_dict() for k, v in self.optimizers().items()},
             "log_alpha": self.log_alpha.detach().clone(),
         }
+
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of parameters (network.tensor) holding a NaN or infinity (one host sync)."""
+        named = [(f"{k}.{n}", p) for k, net in self.networks().items() for n, p in net.state_dict().items()]
+        named.append(("log_alpha", self.log_alpha))
+        flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
+        return [name for (name, _), ok in zip(named, flags, strict=True) if not ok]
 
     def load_state_dict(self, state: dict) -> None:
         for k, net in self.networks().items():

@@ -12,7 +12,7 @@ import tyro
 
 from sacae.bench import BenchArgs
 from sacae.config import TrainConfig
-from sacae.errors import SacaeError
+from sacae.errors import RunStopped, SacaeError
 from sacae.report import ReportArgs
 from sacae.status import StatusArgs
 from sacae.sweep import SweepArgs
@@ -57,6 +57,9 @@ def run_guarded(fn: Callable[[], None]) -> int:
         fn()
     except SacaeError as e:
         print(f"sacae: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunStopped as e:
+        print(f"sacae: {e}.", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("sacae: interrupted", file=sys.stderr)

@@ -29,6 +29,9 @@ PLANET_ACTION_REPEAT: dict[str, int] = {
 }
 DEFAULT_ACTION_REPEAT = 1
 
+# Flags that say how to start (resume or not) rather than what to train: never saved in config.json.
+RUN_CONTROL_FIELDS = ("resume", "no_resume", "force")
+
 # dm_control episodes are 1000 simulator steps long.
 EPISODE_ENV_STEPS = 1000
 
@@ -144,6 +147,17 @@ class TrainConfig:
     """fp32 is the faithful default; bf16 runs the networks under autocast (opt-in, faster, not yet validated)."""
     num_threads: int | None = None
     """CPU threads for PyTorch (default: PyTorch's choice)."""
+    checkpoint_every: int | None = None
+    """Write a full checkpoint (networks, optimizers, replay, RNGs, counters) every this many ENVIRONMENT steps
+    (default: at each evaluation, eval_freq x action_repeat; 0: only at the end and when stopped by a signal)."""
+
+    # --- run control (not part of the run's configuration) ---
+    resume: str | None = None
+    """Resume the run in this folder from its saved config.json alone (other flags are ignored)."""
+    no_resume: bool = False
+    """Start over in --work_dir even if it holds a checkpoint (a finished run also needs --force)."""
+    force: bool = False
+    """With --no_resume: allow discarding a FINISHED run in --work_dir."""
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -162,11 +176,24 @@ class TrainConfig:
         return self.encoder_type == "pixel"
 
     @property
+    def checkpoint_agent_steps(self) -> int:
+        """Agent steps between periodic checkpoints (0: none)."""
+        if self.checkpoint_every is None:
+            return self.eval_freq
+        if self.checkpoint_every == 0:
+            return 0
+        return max(1, self.checkpoint_every // (self.action_repeat or 1))
+
+    @property
     def episode_agent_steps(self) -> int:
         return math.ceil(EPISODE_ENV_STEPS / (self.action_repeat or 1))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The run's configuration (the run-control flags are not part of it)."""
+        d = dataclasses.asdict(self)
+        for name in RUN_CONTROL_FIELDS:
+            d.pop(name)
+        return d
 
     def to_json(self) -> str:
         d = self.to_dict()
@@ -175,7 +202,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - set(RUN_CONTROL_FIELDS)
         unknown = sorted(set(d) - known - {"configuration"})
         if unknown:
             raise SacaeError(f"The config has unknown keys: {', '.join(unknown)}.")
@@ -278,6 +305,15 @@ def validate(cfg: TrainConfig) -> None:
     need(
         cfg.actor_log_std_min < cfg.actor_log_std_max,
         f"--actor_log_std_min ({cfg.actor_log_std_min}) must be below --actor_log_std_max ({cfg.actor_log_std_max}).",
+    )
+    need(
+        cfg.checkpoint_every is None or cfg.checkpoint_every >= 0,
+        f"--checkpoint_every must be non-negative (got {cfg.checkpoint_every}).",
+    )
+    need(not (cfg.force and not cfg.no_resume), "--force only applies with --no_resume (start over).")
+    need(
+        not (cfg.resume is not None and cfg.no_resume),
+        "--resume RUN_DIR and --no_resume contradict each other; use one.",
     )
     need(
         cfg.num_threads is None or cfg.num_threads >= 1,

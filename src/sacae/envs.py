@@ -124,6 +124,10 @@ class DMCEnv:
         self._action_low = spec.minimum.astype(np.float64)
         self._action_high = spec.maximum.astype(np.float64)
         self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)
+        # What `get_state` needs to rebuild the episode in progress: the task's RNG state before its reset and
+        # the actions taken since.
+        self._episode_random: tuple | None = None
+        self._episode_actions: list[np.ndarray] = []
         if pixels:
             frame = self._render_checked()
             self.spec = EnvSpec(
@@ -167,16 +171,29 @@ class DMCEnv:
     def reset(self, seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         if seed is not None:
             self.task_random.seed(seed)
+        self._episode_random = self.task_random.get_state()
+        self._episode_actions = []
         time_step = self._env.reset()
+        return self._first_observation(time_step), {}
+
+    def _first_observation(self, time_step) -> np.ndarray:
         if self.pixels:
             first = self._frame()
             self._frames.extend([first] * self.frame_stack)
-            obs = np.concatenate(self._frames, axis=0)
-        else:
-            obs = self._observe(time_step)
-        return obs, {}
+            return np.concatenate(self._frames, axis=0)
+        return self._observe(time_step)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self._episode_actions.append(np.array(action, dtype=np.float32, copy=True))
+        time_step, reward = self._physics_step(action)
+        last = time_step.last()
+        terminated = bool(last and time_step.discount == 0.0)
+        truncated = bool(last and not terminated)
+        if last:
+            self._episode_random, self._episode_actions = None, []
+        return self._observe(time_step), float(reward), terminated, truncated, {}
+
+    def _physics_step(self, action: np.ndarray):
         action = np.asarray(action, dtype=np.float64)
         if action.shape != self._action_low.shape:
             raise ValueError(f"action has shape {action.shape}, expected {self._action_low.shape}")
@@ -188,10 +205,40 @@ class DMCEnv:
             reward += time_step.reward or 0.0
             if time_step.last():
                 break
-        last = time_step.last()
-        terminated = bool(last and time_step.discount == 0.0)
-        truncated = bool(last and not terminated)
-        return self._observe(time_step), float(reward), terminated, truncated, {}
+        return time_step, reward
+
+    # ---------------------------------------------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        """The task's RNG and the episode in progress, as plain arrays (see `set_state`)."""
+        random_state = self.task_random.get_state() if self._episode_random is None else self._episode_random
+        key = random_state[1]
+        return {
+            "random_key": np.asarray(key, dtype=np.int64),
+            "random_rest": [int(random_state[2]), int(random_state[3]), float(random_state[4])],
+            "in_episode": self._episode_random is not None,
+            "actions": np.asarray(self._episode_actions, dtype=np.float32).reshape(-1, self.spec.action_dim),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> np.ndarray | None:
+        """Bring the environment to a state from `get_state`; returns the current observation (None between
+        episodes). An episode in progress is rebuilt exactly by resetting from the saved RNG state and replaying
+        its actions (rendering only the frames the observation stacks), so every task-specific detail of the
+        episode (targets, model changes) comes back with it."""
+        pos, has_gauss, cached = state["random_rest"]
+        key = np.asarray(state["random_key"], dtype=np.uint32)
+        self.task_random.set_state(("MT19937", key, int(pos), int(has_gauss), float(cached)))
+        self._episode_random, self._episode_actions = None, []
+        if not state["in_episode"]:
+            return None
+        obs, _ = self.reset()
+        actions = np.asarray(state["actions"], dtype=np.float32)
+        render_from = len(actions) - self.frame_stack
+        for i, action in enumerate(actions):
+            self._episode_actions.append(action.copy())
+            time_step, _ = self._physics_step(action)
+            if i >= render_from or not self.pixels:
+                obs = self._observe(time_step)
+        return obs
 
     def sample_action(self, rng: np.random.Generator) -> np.ndarray:
         return rng.uniform(-1.0, 1.0, size=self.spec.action_dim).astype(np.float32)

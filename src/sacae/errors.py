@@ -1,4 +1,4 @@
-"""The one exception type that the command line turns into a single sentence and exit status 2."""
+"""The exceptions the command line turns into one sentence on stderr and a documented exit status."""
 
 
 class SacaeError(Exception):
@@ -8,3 +8,20 @@ class SacaeError(Exception):
     """
 
     exit_code = 2
+
+
+class NumericalError(SacaeError):
+    """A loss or parameter became NaN or infinite: the run stops, keeping its last good checkpoint."""
+
+    exit_code = 3
+
+
+class RunStopped(Exception):  # noqa: N818 (a stop, not an error)
+    """The run was asked to stop by a signal and wrote a checkpoint; running the same command resumes it.
+
+    The exit status is 128 + the signal's number, as a shell reports a process ended by that signal.
+    """
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -46,15 +46,36 @@ class Logger:
     """Appends one JSON object per training episode to train.log and per evaluation to eval.log, prints the
     console line, and mirrors scalars to TensorBoard at the row's env_steps."""
 
-    def __init__(self, work_dir: str | Path, save_tb: bool = False, console: TextIO | None = None):
+    def __init__(
+        self,
+        work_dir: str | Path,
+        save_tb: bool = False,
+        console: TextIO | None = None,
+        truncate: dict[str, int] | None = None,
+        purge_step: int | None = None,
+    ):
+        """`truncate` ({"train": bytes, "eval": bytes}) cuts the logs back to a checkpoint's sizes before appending
+        (a resumed run rewrites what came after it, a truncated last line included); `purge_step` makes
+        TensorBoard drop the events at and after that step that an earlier session wrote."""
         self.work_dir = Path(work_dir)
         self.console_write = lambda line: print(line, file=console if console is not None else sys.stdout, flush=True)
-        self._files = {kind: open(self.work_dir / f"{kind}.log", "a") for kind in ("train", "eval")}
+        self._files = {}
+        for kind in ("train", "eval"):
+            path = self.work_dir / f"{kind}.log"
+            if truncate is not None and path.exists():
+                with open(path, "r+b") as f:
+                    f.truncate(min(truncate[kind], os.fstat(f.fileno()).st_size))
+                    os.fsync(f.fileno())
+            self._files[kind] = open(path, "a")
         self._tb = None
         if save_tb:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.work_dir / "tb"))
+            self._tb = SummaryWriter(str(self.work_dir / "tb"), purge_step=purge_step)
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes written to each log so far (all of them flushed and fsynced)."""
+        return {kind: f.tell() for kind, f in self._files.items()}
 
     def log(self, kind: str, row: dict[str, Any]) -> None:
         row = {k: _json_value(v) for k, v in row.items()}

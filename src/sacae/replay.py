@@ -57,6 +57,7 @@ class ReplayBuffer:
         self.idx = 0  # next transition slot
         self.full = False
         self.frames_written = 0  # global number of the next frame
+        self.transitions_written = 0  # global number of the next transition
         self._current_t = -1  # step in episode of the newest frame; -1 before the first episode
 
     # ---------------------------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ class ReplayBuffer:
         self.not_dones[i, 0] = not_done
         self._write_frame(self._newest_frame(next_obs))
         self._current_t += 1
+        self.transitions_written += 1
         self.idx = (i + 1) % self.capacity
         self.full = self.full or self.idx == 0
 
@@ -166,6 +168,64 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int) -> Batch:
         return self.gather(self.sample_indices(batch_size))
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Persistence: the contents as append-only chunks (what was added since a point), and the small state.
+    def live_range(self) -> tuple[int, int, int, int]:
+        """(first frame, end frame, first transition, end transition) still held, as global numbers."""
+        return (
+            max(0, self.frames_written - self.num_slots),
+            self.frames_written,
+            max(0, self.transitions_written - self.capacity),
+            self.transitions_written,
+        )
+
+    def chunk_since(self, frames_from: int, transitions_from: int) -> dict[str, np.ndarray]:
+        """The frames and transitions added since the given global numbers (those still held), as arrays."""
+        first_frame, end_frame, first_tr, end_tr = self.live_range()
+        f0, t0 = max(frames_from, first_frame), max(transitions_from, first_tr)
+        frame_slots = np.arange(f0, end_frame) % self.num_slots
+        tr_slots = np.arange(t0, end_tr) % self.capacity
+        return {
+            "frame_range": np.array([f0, end_frame], dtype=np.int64),
+            "transition_range": np.array([t0, end_tr], dtype=np.int64),
+            "frames": self.frames[torch.from_numpy(frame_slots)].cpu().numpy(),
+            "frame_no": self.frame_no[tr_slots],
+            "step_in_episode": self.step_in_episode[tr_slots],
+            "actions": self.actions[tr_slots],
+            "rewards": self.rewards[tr_slots],
+            "not_dones": self.not_dones[tr_slots],
+        }
+
+    def load_chunk(self, chunk: dict[str, np.ndarray], frames_end: int, transitions_end: int) -> None:
+        """Write a chunk's contents back to their slots, ignoring anything at or after the given ends."""
+        f0, f1 = (int(x) for x in chunk["frame_range"])
+        t0, t1 = (int(x) for x in chunk["transition_range"])
+        nf, nt = max(0, min(f1, frames_end) - f0), max(0, min(t1, transitions_end) - t0)
+        if nf:
+            slots = torch.from_numpy(np.arange(f0, f0 + nf) % self.num_slots)
+            self.frames[slots] = torch.from_numpy(np.ascontiguousarray(chunk["frames"][:nf])).to(self.frames.dtype)
+        if nt:
+            slots = np.arange(t0, t0 + nt) % self.capacity
+            for name in ("frame_no", "step_in_episode", "actions", "rewards", "not_dones"):
+                getattr(self, name)[slots] = chunk[name][:nt]
+
+    def state_dict(self) -> dict:
+        """Counters and the sampling RNG (the contents travel as chunks)."""
+        return {
+            "frames_written": self.frames_written,
+            "transitions_written": self.transitions_written,
+            "current_t": self._current_t,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.frames_written = int(state["frames_written"])
+        self.transitions_written = int(state["transitions_written"])
+        self._current_t = int(state["current_t"])
+        self.idx = self.transitions_written % self.capacity
+        self.full = self.transitions_written >= self.capacity
+        self.rng.bit_generator.state = state["rng"]
 
 
 _FRAME_NO = np.dtype(np.int64)

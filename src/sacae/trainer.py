@@ -7,10 +7,17 @@ stands, step the environment with a_t, store the transition) and counts both clo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import random
+import shutil
+import signal
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sacae import faults
 from sacae.agent import SacAeAgent
+from sacae.checkpoint import CheckpointStore, numpy_legacy_state, numpy_legacy_tuple, to_arrays, to_tensors
 from sacae.config import TrainConfig, resolve
 from sacae.envs import DMCEnv, make_env
-from sacae.errors import SacaeError
+from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger
 from sacae.replay import ReplayBuffer
 from sacae.storage import check_writable, load_torch, save_torch_atomic, write_text_atomic
@@ -118,50 +127,57 @@ def evaluate_agent(
         if recorder is not None:
             recorder.save(video_name)
         returns.append(total)
+        faults.reached("eval_episode")
     agent.train(was_training)
     return returns
 
 
+@dataclass
+class PendingStep:
+    """An agent step whose action is chosen and whose updates are under way (a checkpoint may fall inside it)."""
+
+    action: np.ndarray
+    updates: int
+    done: int = 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# Outputs of a run that starting over (--no_resume) removes.
+RUN_OUTPUTS = ("train.log", "eval.log", "status.json", "tb", "video", "model", "checkpoint")
+# Flags that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = ("device", "num_threads")
+
+
 class Trainer:
-    """One training run: environments, agent, replay, outputs, and the loop that ties them together."""
+    """One training run: environments, agent, replay, outputs, and the loop that ties them together.
+
+    Running the same configuration again in the same work dir resumes the run from its newest checkpoint, exactly:
+    the resumed run writes the logs and weights the uninterrupted one would have written.
+    """
 
     def __init__(self, cfg: TrainConfig, console=None):
-        cfg = resolve(cfg)
+        cfg = resolve(load_resume_config(resolve(cfg)))
         self.cfg = cfg
         self.device = select_device(cfg.device)
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.work_dir = check_writable(cfg.work_dir)
-        for name in ("train.log", "eval.log"):
-            if (self.work_dir / name).exists() and (self.work_dir / name).stat().st_size > 0:
-                raise SacaeError(
-                    f"{self.work_dir} already holds a run ({name}); choose another --work_dir or remove it first."
-                )
+        self.store = CheckpointStore(self.work_dir)
+        self._claim_work_dir()
+
         seed_everything(cfg.seed)
         self.env = make_env(cfg, seed=cfg.seed)
         self.eval_env = make_env(cfg, seed=cfg.seed)
         spec = self.env.spec
         itemsize = np.dtype(spec.obs_dtype).itemsize
         self.replay_bytes = check_replay_fits(cfg, spec.frame_shape, itemsize, spec.action_dim)
-        replay_seed, action_seed = np.random.SeedSequence(cfg.seed).spawn(2)
-        self.replay = ReplayBuffer(
-            spec.frame_shape,
-            spec.obs_dtype,
-            spec.action_dim,
-            replay_transitions(cfg),
-            frame_stack=self.env.frame_stack,
-            episode_length=cfg.episode_agent_steps,
-            device=self.device,
-            seed=replay_seed,
-        )
+        self._replay_seed, action_seed = np.random.SeedSequence(cfg.seed).spawn(2)
+        self.replay = self._new_replay()
         self.action_rng = np.random.default_rng(action_seed)
         self.agent = SacAeAgent(spec.obs_shape, spec.action_dim, cfg, self.device)
-        write_text_atomic(self.work_dir / "config.json", cfg.to_json())
-        self.logger = Logger(self.work_dir, save_tb=cfg.save_tb, console=console)
-        self.video = VideoRecorder(self.work_dir / "video" if cfg.save_video else None)
         self.model_dir = self.work_dir / "model"
-        if cfg.save_model:
-            self.model_dir.mkdir(exist_ok=True)
+        self.video = VideoRecorder(self.work_dir / "video" if cfg.save_video else None)
+
         self.agent_steps = 0
         self.episode = 0
         self.progress = None
@@ -169,11 +185,114 @@ class Trainer:
         self.obs = None
         self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
         self.last_eval: int | None = None
+        self.last_checkpoint: int | None = None
+        self.pending: PendingStep | None = None
+        self.finished = False
+        self.resumed_from: Path | None = None
+        self.resumes = 0
+        self.elapsed_before = 0.0  # training seconds of the earlier sessions of this run
+        self.session_start = time.time()
+        self._stop_signal: int | None = None
+
+        log_sizes = self._restore()
+        write_text_atomic(self.work_dir / "config.json", cfg.to_json())
+        if cfg.save_model:
+            self.model_dir.mkdir(exist_ok=True)
+        purge = self.env_steps + 1 if self.resumed_from is not None else None
+        self.logger = Logger(self.work_dir, save_tb=cfg.save_tb, console=console, truncate=log_sizes,
+                             purge_step=purge)  # fmt: skip
+
+    def _new_replay(self) -> ReplayBuffer:
+        spec, cfg = self.env.spec, self.cfg
+        return ReplayBuffer(
+            spec.frame_shape,
+            spec.obs_dtype,
+            spec.action_dim,
+            replay_transitions(cfg),
+            frame_stack=self.env.frame_stack,
+            episode_length=cfg.episode_agent_steps,
+            device=self.device,
+            seed=self._replay_seed,
+        )
+
+    # ---------------------------------------------------------------------------------------------------------
+    def _claim_work_dir(self) -> None:
+        """Decide between a fresh start, a resume and a refusal, from what the work dir holds."""
+        cfg, work = self.cfg, self.work_dir
+        saved_path = work / "config.json"
+        if cfg.no_resume:
+            if self._finished_on_disk() and not cfg.force:
+                raise SacaeError(
+                    f"{work} holds a finished run; add --force to discard it and start over, or choose another "
+                    f"--work_dir."
+                )
+            for name in RUN_OUTPUTS:
+                path = work / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            return
+        if saved_path.exists():
+            saved = TrainConfig.load(saved_path)
+            differ = [
+                k
+                for k, v in resolve(saved).to_dict().items()
+                if k not in RESUMABLE_CHANGES and k != "work_dir" and cfg.to_dict()[k] != v
+            ]
+            if differ:
+                shown = ", ".join(f"--{k} {getattr(saved, k)} (now {getattr(cfg, k)})" for k in differ[:4])
+                raise SacaeError(
+                    f"{work} holds a run with a different configuration ({shown}); run it with its own flags to "
+                    f"resume it (or `sacae train --resume {work}`), add --no_resume to start over there, or choose "
+                    f"another --work_dir."
+                )
+        elif any((work / name).exists() and (work / name).stat().st_size > 0 for name in ("train.log", "eval.log")):
+            raise SacaeError(f"{work} holds logs but no config.json: it is not a sacae run; choose another --work_dir.")
+
+    def _finished_on_disk(self) -> bool:
+        status = read_status(self.work_dir)
+        return status is not None and status.get("state") == "finished"
+
+    def _restore(self) -> dict[str, int]:
+        """Load the newest readable checkpoint, if any; returns the log sizes to truncate the logs to."""
+        loaded = self.store.load_latest(self._new_replay)
+        if loaded is None:
+            # Nothing to resume from: any outputs of an earlier attempt are rewritten from the start.
+            if self.work_dir.joinpath("tb").is_dir():
+                shutil.rmtree(self.work_dir / "tb")
+            return {"train": 0, "eval": 0}
+        state, self.replay = loaded
+        self.resumed_from = self.store.states()[0]
+        self.agent.load_state_dict(state["agent"])
+        self.agent.metrics.load_state_dict(state["metrics"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(numpy_legacy_tuple(rng["numpy"]))
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.action_rng.bit_generator.state = rng["action"]
+        self.obs = self.env.set_state(to_arrays(state["env"]))
+        self.agent_steps, self.episode = state["agent_steps"], state["episode"]
+        self.episode_reward = state["episode_reward"]
+        self.last_eval, self.last_checkpoint = state["last_eval"], state["agent_steps"]
+        pending = state["pending"]
+        if pending is not None:
+            self.pending = PendingStep(pending["action"].numpy(), pending["updates"], pending["done"])
+        self.finished = state["finished"]
+        self.resumes = state["resumes"] + (0 if self.finished else 1)
+        self.elapsed_before = state["elapsed_seconds"]
+        return state["log_sizes"]
 
     # ---------------------------------------------------------------------------------------------------------
     @property
     def env_steps(self) -> int:
         return self.agent_steps * self.cfg.action_repeat
+
+    @property
+    def elapsed_seconds(self) -> float:
+        return self.elapsed_before + time.time() - self.session_start
 
     def updates_at(self, agent_steps: int) -> int:
         """How many updates run at this agent step (the seed phase's burst, or its spread, included)."""
@@ -196,10 +315,20 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------------
     def run(self) -> None:
+        """Train to the end (or until a stop signal, then raise RunStopped after writing a checkpoint)."""
         cfg = self.cfg
+        if self.finished:
+            print(f"sacae: the run in {self.work_dir} is already finished ({self.env_steps:,} env steps); "
+                  f"nothing to do.", file=sys.stderr, flush=True)  # fmt: skip
+            self.logger.close()
+            return
         print(self.describe(), file=sys.stderr, flush=True)
+        if self.resumed_from is not None:
+            print(f"sacae: resuming from {self.resumed_from} at env step {self.env_steps:,}", file=sys.stderr,
+                  flush=True)  # fmt: skip
         self.progress = tqdm(
             total=cfg.num_train_steps * cfg.action_repeat,
+            initial=self.env_steps,
             unit=" env steps",
             unit_scale=True,
             dynamic_ncols=True,
@@ -209,41 +338,92 @@ class Trainer:
         )
         if not self.progress.disable:
             self.logger.console_write = lambda line: tqdm.write(line, file=sys.stdout)
+        previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
-            while self.agent_steps < cfg.num_train_steps:
+            self.write_status("running")
+            while self.agent_steps < cfg.num_train_steps or self.pending is not None:
                 self.step()
+                if self._stop_signal is not None:
+                    self._stop()
             if self.last_eval != self.agent_steps:
                 self.evaluate()
+            self.finished = True
+            self.checkpoint()
+            self.write_status("finished")
+        except RunStopped:
+            raise
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                self.write_status("stopped", "interrupted without a checkpoint; it resumes from the last one")
+            raise
+        except BaseException as e:
+            message = str(e) if isinstance(e, SacaeError) else f"{type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):
+                self.write_status("failed", message)
+            raise
         finally:
+            for s, handler in previous_handlers.items():
+                signal.signal(s, handler)
             self.progress.close()
             self.logger.close()
 
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, from the last checkpoint
+        self._stop_signal = signum
+        print(f"sacae: received {signal.Signals(signum).name}; stopping after the current step with a checkpoint",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def _stop(self) -> None:
+        signum = self._stop_signal
+        path = self.checkpoint()
+        name = signal.Signals(signum).name
+        message = (
+            f"stopped by {name} at env step {self.env_steps:,}; checkpoint {path} written; run the same command "
+            f"again to resume"
+        )
+        self.write_status("stopped", message)
+        raise RunStopped(signum, message)
+
     def step(self) -> None:
-        """One agent step of the schedule: evaluate if due, start an episode if needed, pick a_t, run the
-        update(s) of step t, step the environment with a_t and store the transition."""
+        """One agent step of the schedule: evaluate if due, checkpoint if due, start an episode if needed, pick
+        a_t, run the update(s) of step t, step the environment with a_t and store the transition. A stop signal
+        may end it between two updates of the seed phase's burst; the step then continues after the resume."""
         cfg = self.cfg
-        if self.agent_steps % cfg.eval_freq == 0 and self.last_eval != self.agent_steps:
-            t0 = time.time()
-            self.evaluate()
-            self.eval_seconds += time.time() - t0
-        if self.obs is None:
-            self.obs, _ = self.env.reset()
-            self.replay.start_episode(self.obs)
-            self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
-            self.episode += 1
+        if self.pending is None:
+            if self.agent_steps % cfg.eval_freq == 0 and self.last_eval != self.agent_steps:
+                t0 = time.time()
+                self.evaluate()
+                self.eval_seconds += time.time() - t0
+            every = cfg.checkpoint_agent_steps
+            if every and self.agent_steps % every == 0 and self.agent_steps > 0:
+                if self.last_checkpoint != self.agent_steps:
+                    self.checkpoint()
+            if self.obs is None:
+                self.obs, _ = self.env.reset()
+                self.replay.start_episode(self.obs)
+                self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
+                self.episode += 1
+            if self.agent_steps < cfg.init_steps:
+                action = self.env.sample_action(self.action_rng)
+            else:
+                action = self.agent.act(self.obs, sample=True)
+                if not np.isfinite(action).all():  # the action is on the host already: this check is free
+                    self.check_finite(parameters=True)
+                    raise NumericalError(f"The policy produced a non-finite action at env step {self.env_steps:,}.")
+            self.pending = PendingStep(action, self.updates_at(self.agent_steps))
+        if not self._run_updates(self.pending):
+            return  # stopped inside the burst
 
-        if self.agent_steps < cfg.init_steps:
-            action = self.env.sample_action(self.action_rng)
-        else:
-            action = self.agent.act(self.obs, sample=True)
-        self._run_updates(self.updates_at(self.agent_steps))
-
+        action = self.pending.action
         next_obs, reward, terminated, truncated, _ = self.env.step(action)
+        faults.reached("env_step")
         self.episode_reward += reward
         # The time limit is a truncation: keep bootstrapping through it (not_done = 1).
         self.replay.add(action, reward, next_obs, 0.0 if terminated else 1.0)
         self.obs = next_obs
         self.agent_steps += 1
+        self.pending = None
         if self.progress is not None:
             self.progress.update(cfg.action_repeat)
 
@@ -252,29 +432,43 @@ class Trainer:
             self._log_train_episode(self.episode_reward, duration)
             self.obs = None
 
-    def _run_updates(self, n: int) -> None:
-        if n == 1:
+    def _run_updates(self, pending: PendingStep) -> bool:
+        """Run the step's remaining updates; False when a stop signal ended them early."""
+        n = pending.updates
+        if n - pending.done == 1 and n == 1:
             self.agent.update(self.replay.sample(self.cfg.batch_size), self.agent_steps)
-            return
-        if n == 0:
-            return
+            pending.done = 1
+            faults.reached("update")
+            return True
+        if n == 0 or pending.done >= n:
+            return True
         # The seed phase's burst takes minutes on a CPU: show it, as a bar on a terminal, else as log lines
         # (Slurm's stderr files) about every 10%.
-        bar = tqdm(total=n, desc="seed-phase updates", unit=" updates", leave=False, file=sys.stderr,
-                   disable=not sys.stderr.isatty())  # fmt: skip
+        bar = tqdm(total=n, initial=pending.done, desc="seed-phase updates", unit=" updates", leave=False,
+                   file=sys.stderr, disable=not sys.stderr.isatty())  # fmt: skip
         every = max(1, n // 10)
-        start = time.time()
-        for i in range(1, n + 1):
-            self.agent.update(self.replay.sample(self.cfg.batch_size), self.agent_steps)
-            bar.update(1)
-            if bar.disable and (i % every == 0 or i == n):
-                elapsed = time.time() - start
-                print(f"sacae: seed-phase updates {i}/{n}, {elapsed:.0f} s, about {elapsed / i * (n - i):.0f} s left",
-                      file=sys.stderr, flush=True)  # fmt: skip
-        bar.close()
+        start, first = time.time(), pending.done
+        try:
+            while pending.done < n:
+                self.agent.update(self.replay.sample(self.cfg.batch_size), self.agent_steps)
+                pending.done += 1
+                faults.reached("update")
+                i = pending.done
+                bar.update(1)
+                if bar.disable and (i % every == 0 or i == n):
+                    elapsed = time.time() - start
+                    left = elapsed / (i - first) * (n - i)
+                    print(f"sacae: seed-phase updates {i}/{n}, {elapsed:.0f} s, about {left:.0f} s left",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                if self._stop_signal is not None and pending.done < n:
+                    return False
+        finally:
+            bar.close()
+        return True
 
     def _log_train_episode(self, episode_reward: float, duration: float) -> None:
         metrics = self.agent.metrics.pop()
+        self.check_finite()
         row: dict[str, Any] = {
             "episode": self.episode,
             "env_steps": self.env_steps,
@@ -285,9 +479,30 @@ class Trainer:
             "env_steps_per_second": (self.cfg.episode_agent_steps * self.cfg.action_repeat) / max(duration, 1e-9),
         }
         self.logger.log("train", row)
+        self.write_status("running")
+
+    def check_finite(self, parameters: bool = False) -> None:
+        """NumericalError naming the first loss (or parameter) that became NaN or infinite."""
+        bad = self.agent.metrics.nonfinite()
+        kept = self.store.states()
+        keep = f"the last good checkpoint {kept[0]} is kept" if kept else "no checkpoint had been written yet"
+        if bad:
+            name, step = min(bad.items(), key=lambda kv: kv[1])
+            raise NumericalError(
+                f"The {name} became non-finite (NaN or infinite) in the update at agent step {step:,} (env step "
+                f"{step * self.cfg.action_repeat:,}); training stopped and {keep}."
+            )
+        if parameters:
+            names = self.agent.nonfinite_parameters()
+            if names:
+                raise NumericalError(
+                    f"The parameters {', '.join(names[:3])} hold NaN or infinite values at env step "
+                    f"{self.env_steps:,}; training stopped and {keep}."
+                )
 
     def evaluate(self) -> None:
         cfg = self.cfg
+        self.check_finite()
         start = time.time()
         self.last_eval = self.agent_steps
         video = self.video if cfg.save_video else None
@@ -311,6 +526,88 @@ class Trainer:
         self.logger.log("eval", row)
         if cfg.save_model:
             save_snapshot(self.model_dir / f"{self.env_steps}.pt", self)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def checkpoint(self) -> Path:
+        """Write a full checkpoint of the run as it stands (between steps or inside the seed-phase burst)."""
+        self.check_finite(parameters=True)
+        pending = None
+        if self.pending is not None:
+            p = self.pending
+            pending = {"action": torch.from_numpy(np.asarray(p.action)), "updates": p.updates, "done": p.done}
+        state = {
+            "config": self.cfg.to_dict(),
+            "agent_steps": self.agent_steps,
+            "env_steps": self.env_steps,
+            "episode": self.episode,
+            "episode_reward": self.episode_reward,
+            "last_eval": self.last_eval,
+            "finished": self.finished,
+            "pending": pending,
+            "agent": self.agent.state_dict(),
+            "metrics": self.agent.metrics.state_dict(),
+            "replay": self.replay.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": numpy_legacy_state(np.random.get_state()),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+                "action": self.action_rng.bit_generator.state,
+            },
+            "env": to_tensors(self.env.get_state()),
+            "log_sizes": self.logger.sizes(),
+            "resumes": self.resumes,
+            "elapsed_seconds": self.elapsed_seconds,
+        }
+        path = self.store.save(state, self.replay, self.agent_steps)
+        self.last_checkpoint = self.agent_steps
+        return path
+
+    def write_status(self, state: str, message: str = "") -> None:
+        """WORK_DIR/status.json: what `sacae status` and the sweep read to know where this run stands."""
+        status = {
+            "state": state,
+            "env_steps": self.env_steps,
+            "total_env_steps": self.cfg.num_train_steps * self.cfg.action_repeat,
+            "agent_steps": self.agent_steps,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "session_env_steps_per_second": self._session_speed(),
+            "resumes": self.resumes,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": time.time(),
+            "message": message,
+        }
+        write_text_atomic(self.work_dir / "status.json", json.dumps(status, indent=2) + "\n")
+
+    def _session_speed(self) -> float | None:
+        if not hasattr(self, "_session_first_step"):
+            self._session_first_step = self.env_steps
+        seconds = time.time() - self.session_start
+        done = self.env_steps - self._session_first_step
+        return round(done / seconds, 3) if done > 0 and seconds > 0 else None
+
+
+def load_resume_config(cfg: TrainConfig) -> TrainConfig:
+    """With --resume RUN_DIR: the run's saved configuration, in that folder (device and threads may change)."""
+    if cfg.resume is None:
+        return cfg
+    run_dir = Path(cfg.resume)
+    if not run_dir.is_dir():
+        raise SacaeError(f"--resume {run_dir}: there is no such run directory.")
+    if not (run_dir / "config.json").exists():
+        raise SacaeError(f"--resume {run_dir}: the folder has no config.json, so it is not a sacae run.")
+    saved = TrainConfig.load(run_dir / "config.json")
+    return dataclasses.replace(saved, work_dir=os.fspath(run_dir))
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's status.json (None when absent or unreadable)."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def len_fmt(nbytes: float) -> str:
