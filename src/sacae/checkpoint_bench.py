@@ -67,7 +67,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         rows = [checkpoint_cost(n, min(args.new, n), Path(tmp), args.repeats) for n in args.sizes]
-    print(f"{'replay transitions':>19} | {'new':>6} | {'median s':>8} | {'min s':>6} | {'max s':>6} | {'MB written':>10}")
+    header = ("replay transitions", "new", "median s", "min s", "max s", "MB written")
+    print(" | ".join(f"{h:>{w}}" for h, w in zip(header, (19, 6, 8, 6, 6, 10), strict=True)))
     for r in rows:
         print(f"{r['replay_transitions']:>19,} | {r['new_transitions']:>6,} | {r['median_s']:>8.2f} | "
               f"{r['min_s']:>6.2f} | {r['max_s']:>6.2f} | {r['bytes_written'] / 1e6:>10.1f}")  # fmt: skip
