@@ -320,7 +320,10 @@ def slurm_script(args: SweepArgs, plan: RunPlan) -> str:
 # checkpoint and stop, then the job requeues itself; the requeued job runs run.sh again, which resumes the run.
 P="{SCRIPT_PREFIX}"
 echo "$P job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) started on $(hostname) at $(date '+%F %T')" >&2
-if [ -n "${{SLURM_CPUS_PER_TASK:-}}" ]; then export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}}; fi
+# As many compute threads as CPUs allocated (Slurm's default is one): more threads than cores slow training down
+# many times over when jobs share a node.
+cpus=${{SLURM_CPUS_PER_TASK:-${{SLURM_JOB_CPUS_PER_NODE:-1}}}}
+export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-${{cpus%%[!0-9]*}}}}
 
 child=
 requeue() {{
