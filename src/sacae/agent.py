@@ -23,11 +23,12 @@ from sacae.replay import Batch
 METRIC_NAMES = ("batch_reward", "critic_loss", "actor_loss", "alpha_loss", "alpha", "entropy", "ae_loss")
 
 
-def preprocess_target(obs: torch.Tensor, bits: int = 5) -> torch.Tensor:
-    """The autoencoder's target: the image reduced to `bits` bits, dequantised with uniform noise, in [-0.5, 0.5]."""
+def preprocess_target(obs: torch.Tensor, bits: int = 5, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The autoencoder's target: the image reduced to `bits` bits, dequantised with uniform noise in [0, 1) (drawn
+    from the global torch RNG unless given), in [-0.5, 0.5]."""
     bins = 2**bits
     obs = torch.floor(obs.float() / 2 ** (8 - bits)) / bins
-    return obs + torch.rand_like(obs) / bins - 0.5
+    return obs + (torch.rand_like(obs) if noise is None else noise) / bins - 0.5
 
 
 class Metrics:

@@ -1,4 +1,5 @@
-"""The `sacae` command (train, eval, bench, sweep, status, report): a thin layer over functions a user can import."""
+"""The `sacae` command (train, train-seeds, eval, bench, sweep, status, report): a thin layer over functions a user
+can import."""
 
 from __future__ import annotations
 
@@ -35,10 +36,32 @@ class EvalArgs:
     """Seed of the evaluation environment."""
 
 
+@dataclass(frozen=True)
+class TrainSeedsArgs(TrainConfig):
+    """Train several seeds of one configuration in one process (one GPU): each seed has its own environments,
+    replay buffer, random streams and run folder, RUNS_DIR/<task>/<configuration>/seed_<i>/, and computes what its
+    own `sacae train` run computes, up to float rounding; the seeds' networks are stacked so that each kernel serves
+    all of them. No checkpoints: an interrupted run starts over (--no_resume). See docs/multiseed.md.
+    """
+
+    seed: tyro.conf.Suppress[int] = 1
+    work_dir: tyro.conf.Suppress[str] = "./save"
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """The seeds to train, e.g. --seeds 1 2 3 4 5 6 7 8 9 10."""
+    runs_dir: str = "runs"
+    """Folder that holds <task>/<configuration>/seed_<i>/ (the layout of sacae sweep and sacae report)."""
+
+
 def train(cfg: TrainConfig) -> None:
     from sacae.trainer import Trainer  # heavy imports (dm_control, torch) only once the flags are valid
 
     Trainer(cfg).run()
+
+
+def train_seeds(args: TrainSeedsArgs) -> None:
+    from sacae.multiseed import train_seeds as train_stacked
+
+    train_stacked(args, args.seeds, args.runs_dir)
 
 
 def evaluate(args: EvalArgs) -> None:
@@ -82,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.extras.subcommand_cli_from_dict(
         {
             "train": TrainConfig,
+            "train-seeds": TrainSeedsArgs,
             "eval": EvalArgs,
             "bench": BenchArgs,
             "sweep": SweepArgs,
@@ -93,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args=argv,
         use_underscores=True,
     )
+    if isinstance(args, TrainSeedsArgs):
+        return run_guarded(lambda: train_seeds(args))
     if isinstance(args, TrainConfig):
         return run_guarded(lambda: train(args))
     if isinstance(args, SweepArgs):

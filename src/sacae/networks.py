@@ -131,6 +131,29 @@ def squash(mu: torch.Tensor, pi: torch.Tensor, log_pi: torch.Tensor | None):
     return mu, pi, log_pi
 
 
+def tanh_gaussian(
+    out: torch.Tensor,
+    log_std_min: float,
+    log_std_max: float,
+    compute_pi: bool = True,
+    compute_log_pi: bool = True,
+    noise: torch.Tensor | None = None,
+):
+    """The policy from the actor trunk's output (mean and log-std along the last axis): (tanh(mu), tanh(pi), log_pi,
+    log_std). pi = mu + noise * std with standard normal `noise`, drawn from the global torch RNG unless given (the
+    multi-seed agent draws each seed's from its own generator)."""
+    mu, log_std = out.chunk(2, dim=-1)
+    log_std = torch.tanh(log_std)
+    log_std = log_std_min + 0.5 * (log_std_max - log_std_min) * (log_std + 1)
+    if not compute_pi:
+        return torch.tanh(mu), None, None, log_std
+    noise = torch.randn_like(mu) if noise is None else noise
+    pi = mu + noise * log_std.exp()
+    log_pi = gaussian_logprob(noise, log_std) if compute_log_pi else None
+    mu, pi, log_pi = squash(mu, pi, log_pi)
+    return mu, pi, log_pi, log_std
+
+
 class Actor(nn.Module):
     """Tanh-Gaussian policy on encoder features."""
 
@@ -142,16 +165,8 @@ class Actor(nn.Module):
 
     def policy(self, features: torch.Tensor, compute_pi: bool = True, compute_log_pi: bool = True):
         """(tanh(mu), tanh(pi), log_pi, log_std) from features; pi uses the global torch RNG."""
-        mu, log_std = self.trunk(features).chunk(2, dim=-1)
-        log_std = torch.tanh(log_std)
-        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
-        if not compute_pi:
-            return torch.tanh(mu), None, None, log_std
-        noise = torch.randn_like(mu)
-        pi = mu + noise * log_std.exp()
-        log_pi = gaussian_logprob(noise, log_std) if compute_log_pi else None
-        mu, pi, log_pi = squash(mu, pi, log_pi)
-        return mu, pi, log_pi, log_std
+        out = self.trunk(features)
+        return tanh_gaussian(out, self.log_std_min, self.log_std_max, compute_pi, compute_log_pi)
 
     def forward(
         self,
