@@ -45,6 +45,15 @@ def flags(*argv):
     return lambda tmp_path: ["--work_dir", str(tmp_path / "run"), *TINY, *argv]
 
 
+def without_a_gpu(*argv):
+    def setup(tmp_path):
+        if torch.cuda.is_available():
+            pytest.skip("needs a machine without CUDA")
+        return flags(*argv)(tmp_path)
+
+    return setup
+
+
 def a_file_as_work_dir(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     return ["--work_dir", str(tmp_path / "a_file" / "run"), *TINY]
@@ -116,6 +125,14 @@ BAD_INPUTS = {
     "replay that cannot fit": (
         flags("--replay_buffer_capacity", "100000000", "--num_train_steps", "100000000"),
         "lower --replay_buffer_capacity",
+    ),
+    "replay on the GPU of a CPU run": (
+        flags("--replay_device", "cuda", "--device", "cpu"),
+        "--replay_device cuda keeps the replay frames on the training GPU, but --device is cpu",
+    ),
+    "replay on a GPU that is not there": (
+        without_a_gpu("--replay_device", "cuda"),
+        "--replay_device cuda was asked for but PyTorch sees no CUDA GPU here",
     ),
 }
 

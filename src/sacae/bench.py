@@ -1,7 +1,8 @@
 """`sacae bench`: how fast training runs on this machine, measured, printed as a table and one JSON line.
 
 It times the update of each configuration (real replay sampling included) at the default network sizes, the
-environment step with its render, and a short segment of real training through the trainer's own step.
+environment step with its render, and a short segment of real training through the trainer's own step, with the
+update and the environment step in sequence and overlapped (--overlap).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class BenchArgs:
     env_steps: int = 50
     """Timed agent steps of the environment alone."""
     train_steps: int = 10
-    """Timed agent steps of real training (sac_ae) after the warm-up."""
+    """Timed agent steps of real training (sac_ae) after the warm-up, once in sequence and once overlapped."""
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     num_threads: int | None = None
@@ -148,13 +149,14 @@ def time_env(args: BenchArgs) -> dict:
     return {"step": _summary(step_s), "render": _summary(render_s), "action_repeat": cfg.action_repeat}
 
 
-def time_training(args: BenchArgs) -> dict:
-    """Steady agent steps/s of real sac_ae training (collection, update, replay), through Trainer.step."""
+def time_training(args: BenchArgs, overlap: Literal["on", "off"] = "off") -> dict:
+    """Steady agent steps/s of real sac_ae training (collection, update, replay), through Trainer.step, with the
+    update and the environment step in sequence (off) or overlapped (on)."""
     from sacae.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as work_dir:
         cfg = _config(args, "sac_ae", work_dir, init_steps=0, eval_freq=10**9, num_eval_episodes=0,
-                      num_train_steps=args.warmup + args.train_steps + 1)  # fmt: skip
+                      num_train_steps=args.warmup + args.train_steps + 1, overlap=overlap)  # fmt: skip
         trainer = Trainer(cfg)
         trainer.logger.console_write = lambda line: None
         for _ in range(args.warmup + 1):
@@ -165,7 +167,7 @@ def time_training(args: BenchArgs) -> dict:
             trainer.step()
         _sync(trainer.device)
         elapsed = time.perf_counter() - t0
-        trainer.logger.close()
+        trainer.close()
     agent_steps_per_s = args.train_steps / elapsed
     return {"agent_steps_per_s": agent_steps_per_s, "env_steps_per_s": agent_steps_per_s * cfg.action_repeat,
             "action_repeat": cfg.action_repeat}  # fmt: skip
@@ -203,7 +205,8 @@ def run_bench(args: BenchArgs) -> dict:
         "update": {c: time_updates(args, c) for c in args.configurations},
         "update_reference": {"sac_ae": time_updates(args, "sac_ae", reference=True)} if args.reference else {},
         "env": time_env(args),
-        "train": time_training(args),
+        "train": time_training(args, overlap="off"),
+        "train_overlap": time_training(args, overlap="on"),
         "replay_bytes_per_transition": replay_bytes_per_transition(args),
     }
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
@@ -234,6 +237,9 @@ def format_table(r: dict) -> str:
     t = r["train"]
     lines.append(f"{'training sac_ae agent steps/s':<34}{t['agent_steps_per_s']:>12.3f}")
     lines.append(f"{'training sac_ae env steps/s':<34}{t['env_steps_per_s']:>12.3f}")
+    o = r["train_overlap"]
+    lines.append(f"{'  overlapped: agent steps/s':<34}{o['agent_steps_per_s']:>12.3f}")
+    lines.append(f"{'  speed-up of the overlap':<34}{o['agent_steps_per_s'] / t['agent_steps_per_s']:>11.2f}x")
     lines.append(f"{'replay bytes per pixel transition':<34}{r['replay_bytes_per_transition']:>12.0f}")
     lines.append(f"{'peak RSS (GB)':<34}{r['peak_rss_gb']:>12.2f}")
     if "gpu_peak_memory_gb" in r:

@@ -147,6 +147,14 @@ class TrainConfig:
     """fp32 is the faithful default; bf16 runs the networks under autocast (opt-in, faster, not yet validated)."""
     num_threads: int | None = None
     """CPU threads for PyTorch (default: PyTorch's choice)."""
+    overlap: Literal["auto", "on", "off"] = "auto"
+    """Run each step's update (one per agent step after the seed phase) in a worker thread while the environment
+    steps with the action already chosen: the same math, step for step. auto: on with a CUDA device, off on a CPU,
+    where the environment step is about 1% of a pixel agent step (docs/performance.md)."""
+    replay_device: Literal["auto", "host", "cuda"] = "auto"
+    """Where the replay frames live. auto: on the training GPU when they fit in its free memory (keeping 4 GB for
+    the networks), else in host memory; host; cuda (the training GPU, or an error). Batches are gathered where the
+    frames are."""
     checkpoint_every: int | None = None
     """Write a full checkpoint (networks, optimizers, replay, RNGs, counters) every this many ENVIRONMENT steps
     (default: at each evaluation, eval_freq x action_repeat; 0: only at the end and when stopped by a signal)."""
@@ -314,6 +322,11 @@ def validate(cfg: TrainConfig) -> None:
     need(
         not (cfg.resume is not None and cfg.no_resume),
         "--resume RUN_DIR and --no_resume contradict each other; use one.",
+    )
+    need(
+        not (cfg.replay_device == "cuda" and cfg.device == "cpu"),
+        "--replay_device cuda keeps the replay frames on the training GPU, but --device is cpu; use --device cuda "
+        "(or auto) or --replay_device host.",
     )
     need(
         cfg.num_threads is None or cfg.num_threads >= 1,

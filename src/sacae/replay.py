@@ -5,6 +5,9 @@ its frame f_t; its observation stacks frames g-k+1..g and its next observation g
 episode's first frame are clamped to it (the reset frame fills the stack). Frames live in a ring of slots sized
 so that every frame a live transition needs is still there; transitions live in their own ring of `capacity`
 and are sampled uniformly, as in the authors' release.
+
+The frames may live on the training GPU (`frames_device`): batches are then gathered there; host frames feeding a
+GPU travel through page-locked memory, so that neither sampling nor storing a frame waits for the GPU's work.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class ReplayBuffer:
         episode_length: int = 1000,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        frames_device: str | torch.device = "cpu",
     ):
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -47,7 +51,7 @@ class ReplayBuffer:
         self.device = torch.device(device)
         torch_dtype = frame_dtype if isinstance(frame_dtype, torch.dtype) else _TORCH_DTYPE[np.dtype(frame_dtype)]
         self.num_slots = self.frame_slots(capacity, frame_stack, episode_length)
-        self.frames = torch.empty((self.num_slots, *self.frame_shape), dtype=torch_dtype)
+        self.frames = torch.empty((self.num_slots, *self.frame_shape), dtype=torch_dtype, device=frames_device)
         self.frame_no = np.zeros(capacity, dtype=_FRAME_NO)  # global number of the transition's frame f_t
         self.step_in_episode = np.zeros(capacity, dtype=_STEP_IN_EPISODE)  # t, capped at frame_stack - 1
         self.actions = np.zeros((capacity, action_dim), dtype=np.float32)
@@ -90,13 +94,35 @@ class ReplayBuffer:
         episode_length: int,
     ) -> int:
         """Bytes a full buffer of this shape holds, without allocating it."""
+        frames, others = ReplayBuffer.estimate_parts(
+            frame_shape, frame_itemsize, action_dim, capacity, frame_stack, episode_length
+        )
+        return frames + others
+
+    @staticmethod
+    def estimate_parts(
+        frame_shape,
+        frame_itemsize: int,
+        action_dim: int,
+        capacity: int,
+        frame_stack: int,
+        episode_length: int,
+    ) -> tuple[int, int]:
+        """(bytes of the frame ring, bytes of the per-transition arrays) of a full buffer: the frames may live on
+        a GPU, the rest always lives in host memory."""
         slots = ReplayBuffer.frame_slots(capacity, frame_stack, episode_length)
         # frame number, step in episode, float32 action, reward and not_done
         per_transition = _FRAME_NO.itemsize + _STEP_IN_EPISODE.itemsize + 4 * (action_dim + 2)
-        return slots * int(np.prod(frame_shape)) * frame_itemsize + capacity * per_transition
+        return slots * int(np.prod(frame_shape)) * frame_itemsize, capacity * per_transition
 
     def _write_frame(self, frame: np.ndarray) -> None:
-        self.frames[self.frames_written % self.num_slots] = torch.from_numpy(np.ascontiguousarray(frame))
+        slot = self.frames[self.frames_written % self.num_slots]
+        frame = torch.from_numpy(np.ascontiguousarray(frame))
+        if slot.is_cuda:
+            # Queued behind the GPU's work (an update may be gathering from this ring), without waiting for it.
+            slot.copy_(frame.pin_memory(), non_blocking=True)
+        else:
+            slot.copy_(frame)
         self.frames_written += 1
 
     def _newest_frame(self, obs: np.ndarray) -> np.ndarray:
@@ -142,7 +168,10 @@ class ReplayBuffer:
         return idx
 
     def gather(self, idx: np.ndarray) -> Batch:
-        """The transitions at `idx`, stacks rebuilt, as tensors on the buffer's device."""
+        """The transitions at `idx`, stacks rebuilt, as tensors on the buffer's device.
+
+        The batch is a copy: adding to the buffer afterwards does not change it (on a GPU, the copy is queued
+        before any later write)."""
         k = self.frame_stack
         g = self.frame_no[idx]
         # Frames g-k+1 .. g+1 serve both stacks: obs is the first k of them, next_obs the last k.
@@ -150,20 +179,30 @@ class ReplayBuffer:
         first_of_episode = g - self.step_in_episode[idx]
         frame_ids = np.maximum(g[:, None] + offsets[None, :], first_of_episode[:, None])
         slots = torch.from_numpy(frame_ids % self.num_slots)
-        window = self.frames[slots]  # (B, k + 1, *frame_shape)
+        dev = self.device
+        if self.frames.is_cuda:
+            window = self.frames[_to_device(slots, self.frames.device)]
+        elif dev.type == "cuda":
+            # Gather straight into page-locked memory and send the k + 1 frames of each transition once; the two
+            # stacks are cut on the GPU.
+            b = len(idx)
+            window = torch.empty((b * (k + 1), *self.frame_shape), dtype=self.frames.dtype, pin_memory=True)
+            torch.index_select(self.frames, 0, slots.reshape(-1), out=window)
+            window = window.view(b, k + 1, *self.frame_shape).to(dev, non_blocking=True)
+        else:
+            window = self.frames[slots]  # (B, k + 1, *frame_shape)
         if k > 1:
             b = window.shape[0]
             obs = window[:, :k].reshape(b, -1, *self.frame_shape[1:])
             next_obs = window[:, 1:].reshape(b, -1, *self.frame_shape[1:])
         else:
             obs, next_obs = window[:, 0], window[:, 1]
-        dev = self.device
         return Batch(
             obs.to(dev, non_blocking=True),
-            torch.from_numpy(self.actions[idx]).to(dev, non_blocking=True),
-            torch.from_numpy(self.rewards[idx]).to(dev, non_blocking=True),
+            _to_device(torch.from_numpy(self.actions[idx]), dev),
+            _to_device(torch.from_numpy(self.rewards[idx]), dev),
             next_obs.to(dev, non_blocking=True),
-            torch.from_numpy(self.not_dones[idx]).to(dev, non_blocking=True),
+            _to_device(torch.from_numpy(self.not_dones[idx]), dev),
         )
 
     def sample(self, batch_size: int) -> Batch:
@@ -189,7 +228,7 @@ class ReplayBuffer:
         return {
             "frame_range": np.array([f0, end_frame], dtype=np.int64),
             "transition_range": np.array([t0, end_tr], dtype=np.int64),
-            "frames": self.frames[torch.from_numpy(frame_slots)].cpu().numpy(),
+            "frames": self.frames[torch.from_numpy(frame_slots).to(self.frames.device)].cpu().numpy(),
             "frame_no": self.frame_no[tr_slots],
             "step_in_episode": self.step_in_episode[tr_slots],
             "actions": self.actions[tr_slots],
@@ -203,8 +242,9 @@ class ReplayBuffer:
         t0, t1 = (int(x) for x in chunk["transition_range"])
         nf, nt = max(0, min(f1, frames_end) - f0), max(0, min(t1, transitions_end) - t0)
         if nf:
-            slots = torch.from_numpy(np.arange(f0, f0 + nf) % self.num_slots)
-            self.frames[slots] = torch.from_numpy(np.ascontiguousarray(chunk["frames"][:nf])).to(self.frames.dtype)
+            slots = torch.from_numpy(np.arange(f0, f0 + nf) % self.num_slots).to(self.frames.device)
+            frames = torch.from_numpy(np.ascontiguousarray(chunk["frames"][:nf]))
+            self.frames[slots] = frames.to(self.frames.device, self.frames.dtype)
         if nt:
             slots = np.arange(t0, t0 + nt) % self.capacity
             for name in ("frame_no", "step_in_episode", "actions", "rewards", "not_dones"):
@@ -226,6 +266,13 @@ class ReplayBuffer:
         self.idx = self.transitions_written % self.capacity
         self.full = self.transitions_written >= self.capacity
         self.rng.bit_generator.state = state["rng"]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through page-locked memory, so that the copy does not wait for the GPU."""
+    if device.type == "cuda" and not t.is_cuda:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 _FRAME_NO = np.dtype(np.int64)

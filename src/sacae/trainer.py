@@ -2,13 +2,16 @@
 
 The loop follows the authors' release step by step (pick a_t, run the update(s) of step t on the replay as it
 stands, step the environment with a_t, store the transition) and counts both clocks explicitly: `agent_steps`
-(decisions) and `env_steps` (simulator steps, agent steps x action repeat), the one we print and plot.
+(decisions) and `env_steps` (simulator steps, agent steps x action repeat), the one we print and plot. With
+`--overlap` the update of step t runs in a worker thread while the environment steps with a_t: neither depends
+on the other, so the math is the same, step for step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -17,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,8 @@ from sacae.video import VideoRecorder
 
 # Memory kept free for the networks, PyTorch and the environments when sizing the replay buffer.
 MEMORY_RESERVE_BYTES = 2 * 1024**3
+# GPU memory kept free for the networks, their activations and cuDNN's workspace when the replay frames go there.
+GPU_MEMORY_RESERVE_BYTES = 4 * 1024**3
 
 
 def select_device(name: str) -> torch.device:
@@ -71,21 +77,108 @@ def replay_transitions(cfg: TrainConfig) -> int:
     return max(1, min(cfg.replay_buffer_capacity, cfg.num_train_steps))
 
 
-def check_replay_fits(cfg: TrainConfig, frame_shape, frame_itemsize: int, action_dim: int) -> int:
-    """Bytes the replay buffer will need; SacaeError before training if this machine cannot hold them."""
+def check_replay_device(cfg: TrainConfig, device: torch.device) -> None:
+    """SacaeError when --replay_device asks for a GPU that the training does not run on."""
+    if cfg.replay_device == "cuda" and device.type != "cuda":
+        raise SacaeError(
+            "--replay_device cuda was asked for but PyTorch sees no CUDA GPU here; use --replay_device auto or host."
+        )
+
+
+@dataclass(frozen=True)
+class ReplayPlacement:
+    """Where the replay frames live, with the numbers that decided it."""
+
+    frames_device: torch.device
+    transitions: int
+    frame_bytes: int  # the frame ring
+    other_bytes: int  # the per-transition arrays, always in host memory
+    host_available: int | None
+    gpu_free: int | None  # None without a CUDA device
+
+    @property
+    def needed(self) -> int:
+        return self.frame_bytes + self.other_bytes
+
+    def describe(self) -> str:
+        where = "on the GPU" if self.frames_device.type == "cuda" else "in host memory"
+        if self.gpu_free is None:
+            return f"frames {where}"
+        return (
+            f"frames {where} ({self.frame_bytes / 1e9:.2f} GB; the GPU has {self.gpu_free / 1e9:.1f} GB free, "
+            f"{GPU_MEMORY_RESERVE_BYTES / 1e9:.1f} GB kept for the networks)"
+        )
+
+
+def place_replay(
+    requested: str,
+    device: torch.device,
+    transitions: int,
+    frame_bytes: int,
+    other_bytes: int,
+    host_available: int | None,
+    gpu_free: int | None,
+) -> ReplayPlacement:
+    """Where the frames go (`requested`: auto, host or cuda); SacaeError when the buffer fits nowhere allowed.
+
+    auto puts them on the GPU when they fit in its free memory less GPU_MEMORY_RESERVE_BYTES, else in host memory;
+    None for an amount that cannot be read means no limit."""
+    n, needed = transitions, frame_bytes + other_bytes
+    per = needed / n
+    host_room = None if host_available is None else host_available - MEMORY_RESERVE_BYTES
+    gpu_room = None if gpu_free is None else gpu_free - GPU_MEMORY_RESERVE_BYTES
+
+    def fits_host(nbytes: int) -> bool:
+        return host_room is None or nbytes <= host_room
+
+    def host_fits_at_most() -> int:
+        return max(0, int(host_room / per)) if host_room is not None else n
+
+    def gpu_fits_at_most() -> int:
+        return max(0, int(gpu_room / (frame_bytes / n))) if gpu_room is not None and frame_bytes else n
+
+    placement = functools.partial(ReplayPlacement, transitions=n, frame_bytes=frame_bytes, other_bytes=other_bytes,
+                                  host_available=host_available, gpu_free=gpu_free)  # fmt: skip
+    on_gpu = device.type == "cuda" and (gpu_room is None or frame_bytes <= gpu_room) and fits_host(other_bytes)
+    if device.type == "cuda" and (requested == "cuda" or (requested == "auto" and on_gpu)):
+        if not on_gpu:
+            raise SacaeError(
+                f"The replay frames need {frame_bytes / 1e9:.1f} GB for {n:,} transitions but {device} has "
+                f"{(gpu_free or 0) / 1e9:.1f} GB free (keeping {GPU_MEMORY_RESERVE_BYTES / 1e9:.1f} GB for the "
+                f"networks); lower --replay_buffer_capacity to at most {gpu_fits_at_most():,}, train for fewer "
+                f"--num_train_steps or use --replay_device host."
+            )
+        return placement(frames_device=device)
+    if fits_host(needed):
+        return placement(frames_device=torch.device("cpu"))
+    if device.type == "cuda" and requested == "auto":
+        raise SacaeError(
+            f"The replay buffer needs {needed / 1e9:.1f} GB for {n:,} transitions ({per / 1e3:.1f} KB each) but "
+            f"neither {device} ({(gpu_free or 0) / 1e9:.1f} GB free, keeping {GPU_MEMORY_RESERVE_BYTES / 1e9:.1f} GB) "
+            f"nor this machine ({host_available / 1e9:.1f} GB available, keeping {MEMORY_RESERVE_BYTES / 1e9:.1f} GB) "
+            f"can hold it; lower --replay_buffer_capacity to at most {max(gpu_fits_at_most(), host_fits_at_most()):,} "
+            f"or train for fewer --num_train_steps."
+        )
+    raise SacaeError(
+        f"The replay buffer needs {needed / 1e9:.1f} GB for {n:,} transitions ({per / 1e3:.1f} KB each) but this "
+        f"machine has {host_available / 1e9:.1f} GB available (keeping {MEMORY_RESERVE_BYTES / 1e9:.1f} GB free); "
+        f"lower --replay_buffer_capacity to at most {host_fits_at_most():,} or train for fewer --num_train_steps."
+    )
+
+
+def check_replay_fits(
+    cfg: TrainConfig, device: torch.device, frame_shape, frame_itemsize: int, action_dim: int
+) -> ReplayPlacement:
+    """Where the replay frames will live and the bytes they need; SacaeError before training if they fit
+    nowhere (GPU memory free now, host memory available now)."""
+    check_replay_device(cfg, device)
     n = replay_transitions(cfg)
     stack = cfg.frame_stack if cfg.pixels else 1
-    needed = ReplayBuffer.estimate_bytes(frame_shape, frame_itemsize, action_dim, n, stack, cfg.episode_agent_steps)
-    available = available_memory_bytes()
-    if available is not None and needed > available - MEMORY_RESERVE_BYTES:
-        per = needed / n
-        fits = max(0, int((available - MEMORY_RESERVE_BYTES) / per))
-        raise SacaeError(
-            f"The replay buffer needs {needed / 1e9:.1f} GB for {n:,} transitions ({per / 1e3:.1f} KB each) but this "
-            f"machine has {available / 1e9:.1f} GB available (keeping {MEMORY_RESERVE_BYTES / 1e9:.1f} GB free); "
-            f"lower --replay_buffer_capacity to at most {fits:,} or train for fewer --num_train_steps."
-        )
-    return needed
+    frame_bytes, other_bytes = ReplayBuffer.estimate_parts(
+        frame_shape, frame_itemsize, action_dim, n, stack, cfg.episode_agent_steps
+    )
+    gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return place_replay(cfg.replay_device, device, n, frame_bytes, other_bytes, available_memory_bytes(), gpu_free)
 
 
 def seed_everything(seed: int) -> None:
@@ -145,7 +238,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # Outputs of a run that starting over (--no_resume) removes.
 RUN_OUTPUTS = ("train.log", "eval.log", "status.json", "tb", "video", "model", "checkpoint")
 # Flags that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ("device", "num_threads")
+RESUMABLE_CHANGES = ("device", "num_threads", "overlap", "replay_device")
 
 
 class Trainer:
@@ -159,6 +252,10 @@ class Trainer:
         cfg = resolve(load_resume_config(resolve(cfg)))
         self.cfg = cfg
         self.device = select_device(cfg.device)
+        check_replay_device(cfg, self.device)
+        # Overlap pays where the update runs elsewhere than the environment (a GPU); on a CPU both share the cores.
+        self.overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and self.device.type == "cuda")
+        self._update_worker: ThreadPoolExecutor | None = None
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.work_dir = check_writable(cfg.work_dir)
@@ -170,9 +267,10 @@ class Trainer:
         self.eval_env = make_env(cfg, seed=cfg.seed)
         spec = self.env.spec
         itemsize = np.dtype(spec.obs_dtype).itemsize
-        self.replay_bytes = check_replay_fits(cfg, spec.frame_shape, itemsize, spec.action_dim)
+        self.replay_placement = check_replay_fits(cfg, self.device, spec.frame_shape, itemsize, spec.action_dim)
+        self.replay_bytes = self.replay_placement.needed
         self._replay_seed, action_seed = np.random.SeedSequence(cfg.seed).spawn(2)
-        self.replay = self._new_replay()
+        self.replay: ReplayBuffer | None = None  # made or loaded by _restore, once: it may fill a GPU
         self.action_rng = np.random.default_rng(action_seed)
         self.agent = SacAeAgent(spec.obs_shape, spec.action_dim, cfg, self.device)
         self.model_dir = self.work_dir / "model"
@@ -213,6 +311,7 @@ class Trainer:
             episode_length=cfg.episode_agent_steps,
             device=self.device,
             seed=self._replay_seed,
+            frames_device=self.replay_placement.frames_device,
         )
 
     # ---------------------------------------------------------------------------------------------------------
@@ -258,6 +357,7 @@ class Trainer:
         """Load the newest readable checkpoint, if any; returns the log sizes to truncate the logs to."""
         loaded = self.store.load_latest(self._new_replay)
         if loaded is None:
+            self.replay = self._new_replay()
             # Nothing to resume from: any outputs of an earlier attempt are rewritten from the start.
             if self.work_dir.joinpath("tb").is_dir():
                 shutil.rmtree(self.work_dir / "tb")
@@ -309,8 +409,10 @@ class Trainer:
         return (
             f"sacae: {cfg.configuration} on {cfg.env_name} (action repeat {cfg.action_repeat}), "
             f"{cfg.num_train_steps:,} agent steps = {cfg.num_train_steps * cfg.action_repeat:,} env steps, "
-            f"device {self.device}, {cfg.precision}, {torch.get_num_threads()} threads; replay {len_fmt(per)} per "
-            f"transition, {self.replay_bytes / 1e9:.2f} GB for {self.replay.capacity:,}; output in {self.work_dir}"
+            f"device {self.device}, {cfg.precision}, {torch.get_num_threads()} threads, overlap "
+            f"{'on' if self.overlap else 'off'}; replay {len_fmt(per)} per transition, "
+            f"{self.replay_bytes / 1e9:.2f} GB for {self.replay.capacity:,}, {self.replay_placement.describe()}; "
+            f"output in {self.work_dir}"
         )
 
     # ---------------------------------------------------------------------------------------------------------
@@ -365,7 +467,14 @@ class Trainer:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
             self.progress.close()
-            self.logger.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the update worker and close the logs (run() does this when it ends)."""
+        if self._update_worker is not None:
+            self._update_worker.shutdown(wait=True)
+            self._update_worker = None
+        self.logger.close()
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
@@ -388,7 +497,11 @@ class Trainer:
     def step(self) -> None:
         """One agent step of the schedule: evaluate if due, checkpoint if due, start an episode if needed, pick
         a_t, run the update(s) of step t, step the environment with a_t and store the transition. A stop signal
-        may end it between two updates of the seed phase's burst; the step then continues after the resume."""
+        may end it between two updates of the seed phase's burst; the step then continues after the resume.
+
+        With overlap, a step's single update runs in the worker thread while the environment steps; it has
+        finished when step() returns, so nothing between steps (acting, evaluating, checkpointing, logging the
+        losses) ever sees an update in flight."""
         cfg = self.cfg
         if self.pending is None:
             if self.agent_steps % cfg.eval_freq == 0 and self.last_eval != self.agent_steps:
@@ -412,15 +525,28 @@ class Trainer:
                     self.check_finite(parameters=True)
                     raise NumericalError(f"The policy produced a non-finite action at env step {self.env_steps:,}.")
             self.pending = PendingStep(action, self.updates_at(self.agent_steps))
-        if not self._run_updates(self.pending):
+        pending = self.pending
+        in_flight = None
+        if self.overlap and pending.updates == 1 and pending.done == 0:
+            in_flight = self._launch_update()
+        elif not self._run_updates(pending):
             return  # stopped inside the burst
 
-        action = self.pending.action
-        next_obs, reward, terminated, truncated, _ = self.env.step(action)
-        faults.reached("env_step")
-        self.episode_reward += reward
-        # The time limit is a truncation: keep bootstrapping through it (not_done = 1).
-        self.replay.add(action, reward, next_obs, 0.0 if terminated else 1.0)
+        action = pending.action
+        try:
+            next_obs, reward, terminated, truncated, _ = self.env.step(action)
+            faults.reached("env_step")
+            self.episode_reward += reward
+            # The time limit is a truncation: keep bootstrapping through it (not_done = 1).
+            self.replay.add(action, reward, next_obs, 0.0 if terminated else 1.0)
+        except BaseException:
+            if in_flight is not None:
+                wait([in_flight])  # never leave the agent changing behind an error
+            raise
+        if in_flight is not None:
+            in_flight.result()  # raises the update's own error, if any
+            pending.done = 1
+            faults.reached("update")
         self.obs = next_obs
         self.agent_steps += 1
         self.pending = None
@@ -431,6 +557,19 @@ class Trainer:
             duration = time.time() - self.episode_start - self.eval_seconds
             self._log_train_episode(self.episode_reward, duration)
             self.obs = None
+
+    def _launch_update(self) -> Future:
+        """Start the step's single update in the worker thread. Its batch is drawn and gathered here first: the
+        replay's RNG draws in the same order as without overlap, and the batch is the replay as it stands before
+        this step's transition is stored (which may overwrite a frame slot once the ring is full). While the update
+        is in flight only it uses torch's RNG: the environment uses numpy's generators alone."""
+        batch = self.replay.sample(self.cfg.batch_size)
+        if self._update_worker is None:
+            # Made now, after torch.set_num_threads: a thread keeps the thread count it first runs an operation with.
+            device = self.device
+            initializer = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+            self._update_worker = ThreadPoolExecutor(1, thread_name_prefix="sacae-update", initializer=initializer)
+        return self._update_worker.submit(self.agent.update, batch, self.agent_steps)
 
     def _run_updates(self, pending: PendingStep) -> bool:
         """Run the step's remaining updates; False when a stop signal ended them early."""
