@@ -31,6 +31,9 @@ DEFAULT_ACTION_REPEAT = 1
 
 # Flags that say how to start (resume or not) rather than what to train: never saved in config.json.
 RUN_CONTROL_FIELDS = ("resume", "no_resume", "force")
+# Flags that change where and how fast a run executes, not what it computes: a run may resume with other values,
+# and seeds that differ only in them are the same experiment.
+EXECUTION_FIELDS = ("device", "num_threads", "overlap", "replay_device")
 
 # dm_control episodes are 1000 simulator steps long.
 EPISODE_ENV_STEPS = 1000

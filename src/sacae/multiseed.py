@@ -43,6 +43,7 @@ from sacae.trainer import (
     STOP_SIGNALS,
     available_memory_bytes,
     eval_seed,
+    new_replay,
     read_status,
     replay_transitions,
     seed_everything,
@@ -606,16 +607,7 @@ class MultiSeedTrainer:
                 self.replay_bytes = self._check_memory(run.env.spec)
             spec = run.env.spec
             replay_seed, action_seed = np.random.SeedSequence(seed).spawn(2)
-            run.replay = ReplayBuffer(
-                spec.frame_shape,
-                spec.obs_dtype,
-                spec.action_dim,
-                replay_transitions(cfg),
-                frame_stack=run.env.frame_stack,
-                episode_length=cfg.episode_agent_steps,
-                device=self.device,
-                seed=replay_seed,
-            )
+            run.replay = new_replay(cfg, run.env, self.device, replay_seed)
             run.action_rng = np.random.default_rng(action_seed)
             agent, generator = build_seed_agent(spec.obs_shape, spec.action_dim, run.cfg, self.device, seed)
             agents.append(agent)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import tyro
 
-from sacae.config import TrainConfig
+from sacae.config import EXECUTION_FIELDS, RUN_CONTROL_FIELDS, TrainConfig
 from sacae.errors import SacaeError
 from sacae.logger import read_jsonl
 from sacae.testbed import PublishedReturn, published_returns
@@ -470,8 +470,8 @@ def _length_notes(name: str, seeds: list[Run]) -> list[str]:
 
 def _setting_notes(name: str, seeds: list[Run]) -> list[str]:
     # Where and how a run is executed, saved or restarted: not what it computes.
-    ignored = {"seed", "work_dir", "device", "num_threads", "save_tb", "save_video", "save_model",
-               "checkpoint_every", "resume", "no_resume", "force"}  # fmt: skip
+    ignored = {"seed", "work_dir", "save_tb", "save_video", "save_model", "checkpoint_every",
+               *EXECUTION_FIELDS, *RUN_CONTROL_FIELDS}  # fmt: skip
     first = seeds[0]
     notes = []
     for run in seeds[1:]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from sacae import faults
 from sacae.agent import SacAeAgent
 from sacae.checkpoint import CheckpointStore, numpy_legacy_state, numpy_legacy_tuple, to_arrays, to_tensors
-from sacae.config import TrainConfig, resolve
+from sacae.config import EXECUTION_FIELDS, TrainConfig, resolve
 from sacae.envs import DMCEnv, make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger
@@ -181,6 +181,22 @@ def check_replay_fits(
     return place_replay(cfg.replay_device, device, n, frame_bytes, other_bytes, available_memory_bytes(), gpu_free)
 
 
+def new_replay(cfg: TrainConfig, env: DMCEnv, device: torch.device, seed, frames_device="cpu") -> ReplayBuffer:
+    """An empty replay buffer for `cfg`'s run on `env` (sized by `replay_transitions`)."""
+    spec = env.spec
+    return ReplayBuffer(
+        spec.frame_shape,
+        spec.obs_dtype,
+        spec.action_dim,
+        replay_transitions(cfg),
+        frame_stack=env.frame_stack,
+        episode_length=cfg.episode_agent_steps,
+        device=device,
+        seed=seed,
+        frames_device=frames_device,
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -237,8 +253,6 @@ class PendingStep:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # Outputs of a run that starting over (--no_resume) removes.
 RUN_OUTPUTS = ("train.log", "eval.log", "status.json", "tb", "video", "model", "checkpoint")
-# Flags that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ("device", "num_threads", "overlap", "replay_device")
 
 
 class Trainer:
@@ -301,18 +315,7 @@ class Trainer:
                              purge_step=purge)  # fmt: skip
 
     def _new_replay(self) -> ReplayBuffer:
-        spec, cfg = self.env.spec, self.cfg
-        return ReplayBuffer(
-            spec.frame_shape,
-            spec.obs_dtype,
-            spec.action_dim,
-            replay_transitions(cfg),
-            frame_stack=self.env.frame_stack,
-            episode_length=cfg.episode_agent_steps,
-            device=self.device,
-            seed=self._replay_seed,
-            frames_device=self.replay_placement.frames_device,
-        )
+        return new_replay(self.cfg, self.env, self.device, self._replay_seed, self.replay_placement.frames_device)
 
     # ---------------------------------------------------------------------------------------------------------
     def _claim_work_dir(self) -> None:
@@ -337,7 +340,7 @@ class Trainer:
             differ = [
                 k
                 for k, v in resolve(saved).to_dict().items()
-                if k not in RESUMABLE_CHANGES and k != "work_dir" and cfg.to_dict()[k] != v
+                if k not in EXECUTION_FIELDS and k != "work_dir" and cfg.to_dict()[k] != v
             ]
             if differ:
                 shown = ", ".join(f"--{k} {getattr(saved, k)} (now {getattr(cfg, k)})" for k in differ[:4])
