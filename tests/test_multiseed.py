@@ -240,24 +240,27 @@ def test_unstacked_state_loads_into_an_agent_that_continues_like_the_single_agen
         assert_state_matches(loaded.state_dict(), singles[i])
 
 
-def test_stacked_adam_is_bit_identical_to_torch_foreach_adam_per_seed():
+def test_stacked_adam_is_bit_identical_to_torch_fused_adam_per_seed():
     torch.manual_seed(0)
-    shapes = [(4, 3), (5,), (2, 3, 3, 3)]
+    shapes = [(4, 3), (5,), (2, 3, 3, 3), (1001,), (64, 37)]  # sizes off and on vector widths
     stacked = [torch.randn(N, *s) for s in shapes]
+    # A stacked conv weight laid out channels-last while its gradients come contiguous, as autograd.grad may give
+    # them: the fused kernel must not pair up different elements.
+    stacked.append(torch.randn(N, 8, 4, 3, 3).contiguous(memory_format=torch.channels_last_3d))
     for lr, betas, wd in ((1e-3, (0.9, 0.999), 1e-7), (1e-4, (0.5, 0.999), 0.0)):
-        params = [p.clone() for p in stacked]
+        params = [p.clone(memory_format=torch.preserve_format) for p in stacked]
         adam = StackedAdam(params, lr, betas, 1e-8, wd)
         opts = [
             torch.optim.Adam([p[i].clone().requires_grad_(True) for p in stacked], lr=lr, betas=betas,
-                             weight_decay=wd, foreach=True)
+                             weight_decay=wd, fused=True)
             for i in range(N)
         ]  # fmt: skip
         for _ in range(5):
-            grads = [torch.randn_like(p) for p in params]
+            grads = [torch.randn(p.shape) for p in params]
             adam.step(grads)
             for i, opt in enumerate(opts):
                 for p, grad in zip(opt.param_groups[0]["params"], grads, strict=True):
-                    p.grad = grad[i].clone()
+                    p.grad = torch.empty_like(p).copy_(grad[i])  # as AccumulateGrad lays .grad out
                 opt.step()
         for i, opt in enumerate(opts):
             for p, q in zip(params, opt.param_groups[0]["params"], strict=True):

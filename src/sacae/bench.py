@@ -21,6 +21,7 @@ import torch
 
 from sacae.config import TrainConfig, resolve
 from sacae.errors import SacaeError
+from sacae.process import configure_process
 
 CONFIGURATIONS = {
     "sac_ae": {"encoder_type": "pixel", "decoder_type": "pixel"},
@@ -189,8 +190,7 @@ def run_bench(args: BenchArgs) -> dict:
     from sacae.trainer import select_device
 
     device = select_device(args.device)
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
+    configure_process(args.num_threads)
     result = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sacae.agent import METRIC_NAMES, SacAeAgent, polyak, preprocess_target
+from sacae.agent import METRIC_NAMES, SacAeAgent, like_param, polyak, preprocess_target
 from sacae.config import TrainConfig, resolve
 from sacae.envs import make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger
 from sacae.networks import MEMORY_FORMAT, tanh_gaussian
+from sacae.process import configure_process
 from sacae.replay import Batch, ReplayBuffer
 from sacae.storage import check_writable, save_torch_atomic, write_text_atomic
 from sacae.trainer import (
@@ -135,10 +136,10 @@ def stacked_convs(x: torch.Tensor, p: Params, layers: ConvLayers, grouped: bool)
 
 # ---------------------------------------------------------------------------------------------------------------
 class StackedAdam:
-    """torch.optim.Adam (foreach, L2 weight decay added to the gradient, no amsgrad) on stacked parameters.
+    """torch.optim.Adam (fused, L2 weight decay added to the gradient, no amsgrad) on stacked parameters.
 
-    The arithmetic of torch's multi-tensor Adam, foreach operation for foreach operation with the same scalars: every
-    operation is elementwise, so seed i's slice gets exactly what that seed's own optimizer computes. All parameters
+    The same fused kernel as the agent's own optimizers (`torch._fused_adam_`) with the same scalars: the kernel is
+    elementwise, so seed i's slice gets exactly, bit for bit, what that seed's own optimizer computes. All parameters
     of one optimizer step together, so one step count serves them all.
     """
 
@@ -148,32 +149,22 @@ class StackedAdam:
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-        # sqrt(exp_avg_sq) is written here rather than into fresh tensors: on a CPU, allocating seed-stacked tensors
-        # at every step costs more than the square root itself.
-        self._denoms = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
         self.steps = 0
+        # torch keeps the step count in a float32 tensor beside the parameters; one serves every parameter here.
+        self._step = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
 
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         beta1, beta2 = self.betas
-        grads = list(grads)
         self.steps += 1
-        if self.weight_decay != 0:
-            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
-        torch._foreach_lerp_(self.exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(self.exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(self.exp_avg_sqs, grads, grads, 1 - beta2)
+        self._step.fill_(float(self.steps))
         n = len(self.params)
-        # torch keeps the step count in a float32 tensor and reads it back as a Python float.
-        steps = float(self.steps)
-        step_size = (self.lr / (1 - beta1**steps)) * -1
-        bias_correction2_sqrt = (1 - beta2**steps) ** 0.5
-        denom = self._denoms
-        torch._foreach_copy_(denom, self.exp_avg_sqs)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_div_(denom, [bias_correction2_sqrt] * n)
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(self.params, self.exp_avgs, denom, [step_size] * n)
+        # Gradients from torch.autograd.grad come in whatever layout the backward pass made; the kernel needs the
+        # parameter's (see sacae.agent.like_param).
+        grads = [like_param(g, p) for g, p in zip(grads, self.params, strict=True)]
+        torch._fused_adam_(self.params, grads, self.exp_avgs, self.exp_avg_sqs, [], [self._step] * n,
+                           lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=self.weight_decay, eps=self.eps,
+                           amsgrad=False, maximize=False)  # fmt: skip
 
 
 class StackedMetrics:
@@ -585,8 +576,7 @@ class MultiSeedTrainer:
         check_multiseed_config(cfg, seeds)
         self.cfg, self.seeds = cfg, seeds
         self.device = select_device(cfg.device)
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
+        configure_process(cfg.num_threads)
         self.runs: list[SeedRun] = []
         for seed in seeds:
             work_dir = seed_dir(runs_dir, cfg, seed)

@@ -36,6 +36,7 @@ from sacae.config import EXECUTION_FIELDS, TrainConfig, resolve
 from sacae.envs import DMCEnv, make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger
+from sacae.process import configure_process
 from sacae.replay import ReplayBuffer
 from sacae.storage import check_writable, load_torch, save_torch_atomic, write_text_atomic
 from sacae.video import VideoRecorder
@@ -270,8 +271,7 @@ class Trainer:
         # Overlap pays where the update runs elsewhere than the environment (a GPU); on a CPU both share the cores.
         self.overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and self.device.type == "cuda")
         self._update_worker: ThreadPoolExecutor | None = None
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
+        configure_process(cfg.num_threads)
         self.work_dir = check_writable(cfg.work_dir)
         self.store = CheckpointStore(self.work_dir)
         self._claim_work_dir()
