@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sacae import networks
 from sacae.agent import SacAeAgent
 from sacae.config import TrainConfig
 from sacae.reference import reference_update
@@ -555,29 +556,32 @@ def test_act_bounds_and_sampling(variant):
 
 
 def test_fused_adam_gives_the_single_tensor_loops_parameters():
+    """Each of four updates, from the same state (Adam's moments and step count included), with the fused optimizers
+    and with the single-tensor loop. Compared update by update: over several updates at Adam's eps 1e-8 a rounding
+    difference in a near-zero gradient can turn into a step of lr in either implementation."""
     torch.manual_seed(0)
     cfg = TrainConfig(action_repeat=8, hidden_dim=32, num_filters=8, batch_size=8, encoder_feature_dim=8)
     agent = SacAeAgent((9, 64, 64), 2, cfg, torch.device("cpu"))
     start = copy.deepcopy(agent)
-    loop = copy.deepcopy(agent)
-    for opt in loop.optimizers().values():
-        for group in opt.param_groups:
-            group["fused"] = None
-            group["foreach"] = False
     assert all(g["fused"] for opt in agent.optimizers().values() for g in opt.param_groups)
     b = 8
     obs, next_obs = (torch.randint(0, 256, (b, 9, 64, 64), dtype=torch.uint8) for _ in range(2))
     batch = Batch(obs, torch.rand(b, 2) * 2 - 1, torch.rand(b, 1), next_obs, torch.ones(b, 1))
     for step in (0, 1, 2, 3):
+        loop = copy.deepcopy(agent)
+        for opt in loop.optimizers().values():
+            for group in opt.param_groups:
+                group["fused"] = None
+                group["foreach"] = False
         torch.manual_seed(step)
         agent.update(batch, step)
         torch.manual_seed(step)
         loop.update(batch, step)
-    for name in ("actor", "critic", "critic_target", "decoder"):
-        pairs = zip(getattr(agent, name).named_parameters(), getattr(loop, name).named_parameters(), strict=True)
-        for (key, p), (_, q) in pairs:
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
-    torch.testing.assert_close(agent.log_alpha, loop.log_alpha, rtol=1e-6, atol=1e-7)
+        for name in ("actor", "critic", "critic_target", "decoder"):
+            pairs = zip(getattr(agent, name).named_parameters(), getattr(loop, name).named_parameters(), strict=True)
+            for (key, p), (_, q) in pairs:
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"update {step}: {name}.{key}")
+        torch.testing.assert_close(agent.log_alpha, loop.log_alpha, rtol=1e-6, atol=1e-7)
     # Four Adam steps of lr 1e-3 move a trained weight by about 4e-3, far beyond the tolerance above.
     assert not torch.allclose(agent.critic.Q1.trunk[0].weight, start.critic.Q1.trunk[0].weight, atol=1e-4)
 
@@ -605,3 +609,29 @@ def test_moments_saved_in_another_layout_load_in_the_parameters_layout():
     torch.manual_seed(5)
     other.update(batch, 3)
     assert torch.equal(agent.critic.encoder.convs[1].weight, other.critic.encoder.convs[1].weight)
+
+
+def test_the_actor_step_computes_no_gradient_for_the_q_heads_weights(monkeypatch):
+    """The actor loss reaches the Q heads only as a function of the action: their weights are constants there, so
+    the backward pass makes no weight-gradient product for them (each would cost as much as a forward product)."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(encoder_type="identity", decoder_type="identity", hidden_dim=32, batch_size=8)
+    agent = SacAeAgent((STATE_DIM,), ACTION_DIM, cfg, torch.device("cpu"))
+    obs = torch.randn(8, STATE_DIM)
+    batch = Batch(obs, torch.rand(8, ACTION_DIM) * 2 - 1, torch.rand(8, 1), torch.randn(8, STATE_DIM), torch.ones(8, 1))
+    agent.update(batch, 1)  # critic step only: leaves the Q heads' gradients
+    q_grads = [p.grad.clone() for p in agent._q_params]
+    actor_before = [p.detach().clone() for p in agent._actor_own_params]
+    products = []
+    matmul = networks._onednn_matmul
+    monkeypatch.setattr(networks, "_onednn_matmul", lambda *a: products.append(out := matmul(*a)) or out)
+    agent._update_actor_and_alpha(agent.critic.encoder.forward_conv(obs).detach())
+    if networks.onednn_linear_enabled():
+        shapes = {tuple(p.shape) for p in products}
+        # The Q heads' first and last weights have shapes no actor weight has.
+        assert (32, STATE_DIM + ACTION_DIM) not in shapes and (1, 32) not in shapes
+        assert (2 * ACTION_DIM, 32) in shapes  # the actor's last weight gradient was made
+    assert all(p.requires_grad for p in agent._q_params)
+    for p, g in zip(agent._q_params, q_grads, strict=True):
+        assert torch.equal(p.grad, g)
+    assert any(not torch.equal(p, q) for p, q in zip(agent._actor_own_params, actor_before, strict=True))

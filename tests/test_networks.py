@@ -352,3 +352,60 @@ def test_actor_and_critic_share_convs_but_not_fc_ln_and_target_is_separate():
     actor_ids = [id(p) for p in agent.actor.parameters()]
     assert len(actor_ids) == len(set(actor_ids))
     assert id(c.convs[0].weight) in actor_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear layers on oneDNN
+
+
+def linear_pass(layer, x, grad, use_onednn, monkeypatch):
+    """Output and the gradients of input, weight and bias of one forward and backward pass."""
+    monkeypatch.setenv(networks.ONEDNN_LINEAR_VARIABLE, "1" if use_onednn else "0")
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = layer(x)
+    y.backward(grad)
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    return [y.detach()] + [g for g in grads if g is not None]
+
+
+@pytest.mark.skipif(not networks.onednn_linear_enabled(), reason="torch built without oneDNN")
+@pytest.mark.parametrize(
+    ("shape", "out_features", "bias", "input_grad"),
+    [((128, 64), 96, True, True), ((1, 50), 33, True, False), ((4, 5, 24), 7, False, True), ((16, 300), 1, True, True)],
+)
+def test_onednn_linear_gives_nn_linears_output_and_gradients(shape, out_features, bias, input_grad, monkeypatch):
+    torch.manual_seed(0)
+    layer = networks.Linear(shape[-1], out_features, bias=bias)
+    x = torch.randn(shape).requires_grad_(input_grad)
+    grad = torch.randn(*shape[:-1], out_features)
+    onednn = linear_pass(layer, x, grad, True, monkeypatch)
+    blas = linear_pass(layer, x, grad, False, monkeypatch)
+    assert len(onednn) == len(blas) == 2 + bias + input_grad
+    for a, b in zip(onednn, blas, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Switched off, it is nn.Linear exactly.
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.equal(blas[0], expected.detach())
+
+
+def test_linear_under_bf16_autocast_is_nn_linear():
+    torch.manual_seed(0)
+    layer = networks.Linear(32, 8)
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, expected)
+
+
+def test_linear_keeps_nn_linears_state_dict():
+    torch.manual_seed(0)
+    layer = networks.Linear(6, 3)
+    plain = nn.Linear(6, 3)
+    plain.load_state_dict(layer.state_dict())
+    assert layer.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(layer(x), plain(x), rtol=1e-6, atol=1e-6)

@@ -9,6 +9,7 @@ weights. `tests/test_agent.py` checks the result against a plain implementation 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -217,7 +218,10 @@ class SacAeAgent:
         _, pi, log_pi, log_std = self.actor.policy(features)
         with torch.no_grad():
             critic_features = self.critic.encoder.head(conv)
-        q1, q2 = self.critic.q(critic_features, pi)
+        # The Q heads' weights take no gradient from the actor loss: built without them, the graph's backward pass
+        # skips their weight products (a custom autograd function cannot tell which gradients `inputs` will keep).
+        with frozen(self._q_params):
+            q1, q2 = self.critic.q(critic_features, pi)
         alpha = self.alpha.detach()
         actor_loss = (alpha * log_pi - torch.min(q1, q2)).float().mean()
         self.actor_optimizer.zero_grad(set_to_none=True)
@@ -300,6 +304,18 @@ def match_optimizer_layout(opt: torch.optim.Optimizer) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key] = like_param(state[key], p)
+
+
+@contextlib.contextmanager
+def frozen(params: list[torch.Tensor]):
+    """Parameters that operations inside the block treat as constants (requires_grad off, then restored)."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def polyak(target: list[torch.Tensor], source: list[torch.Tensor], tau: float) -> None:
