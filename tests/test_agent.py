@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sacae import networks
-from sacae.agent import SacAeAgent
+from sacae.agent import SacAeAgent, preprocess_target
 from sacae.config import TrainConfig
 from sacae.reference import reference_update
 from sacae.replay import Batch
@@ -635,3 +635,20 @@ def test_the_actor_step_computes_no_gradient_for_the_q_heads_weights(monkeypatch
     for p, g in zip(agent._q_params, q_grads, strict=True):
         assert torch.equal(p.grad, g)
     assert any(not torch.equal(p, q) for p, q in zip(agent._actor_own_params, actor_before, strict=True))
+
+
+def test_autoencoder_target_is_the_5_bit_image_with_one_bins_noise_bit_for_bit():
+    """ALGORITHM.md's target, floor(x / 8) / 32 + u / 32 - 0.5 with u uniform in [0, 1), written out in float32."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.arange(256, dtype=torch.uint8).repeat(40).view(10, 1, 32, 32)
+    noise = torch.rand(frames.shape, generator=g)
+    noise[0, 0, 0, :4] = torch.tensor([0.0, 0.5, 1 - 2**-24, 2**-24])
+    expected = torch.floor(frames.float() / 8) / 32 + noise / 32 - 0.5
+    assert torch.equal(preprocess_target(frames, noise=noise), expected)
+    assert torch.equal(preprocess_target(frames.float(), noise=noise), expected)
+    # Drawn from the global RNG like torch.rand_like on the float image.
+    torch.manual_seed(3)
+    drawn = preprocess_target(frames)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, preprocess_target(frames, noise=torch.rand(frames.shape)))
+    assert drawn.min() >= -0.5 and drawn.max() < 0.5

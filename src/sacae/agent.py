@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sacae.config import TrainConfig
-from sacae.networks import MEMORY_FORMAT, Actor, Critic, PixelDecoder, make_encoder, weight_init
+from sacae.networks import MEMORY_FORMAT, Actor, Critic, PixelDecoder, make_encoder, normalise_frames, weight_init
 from sacae.replay import Batch
 
 METRIC_NAMES = ("batch_reward", "critic_loss", "actor_loss", "alpha_loss", "alpha", "entropy", "ae_loss")
@@ -28,8 +28,13 @@ def preprocess_target(obs: torch.Tensor, bits: int = 5, noise: torch.Tensor | No
     """The autoencoder's target: the image reduced to `bits` bits, dequantised with uniform noise in [0, 1) (drawn
     from the global torch RNG unless given), in [-0.5, 0.5]."""
     bins = 2**bits
-    obs = torch.floor(obs.float() / 2 ** (8 - bits)) / bins
-    return obs + (torch.rand_like(obs) if noise is None else noise) / bins - 0.5
+    if obs.dtype == torch.uint8:
+        levels = (obs >> (8 - bits)).float()  # floor(obs / 2^(8 - bits)), exactly
+    else:
+        levels = torch.floor(obs.float() / 2 ** (8 - bits))
+    noise = torch.rand_like(levels) if noise is None else noise
+    # (levels + noise) / bins rounds like levels / bins + noise / bins: dividing by a power of two is exact.
+    return (levels + noise).mul_(1.0 / bins).sub_(0.5)
 
 
 class Metrics:
@@ -182,6 +187,11 @@ class SacAeAgent:
         m = self.metrics
         m.step = step
         m.add("batch_reward", reward.mean())
+        frames = obs
+        if self.cfg.pixels:
+            # Each batch is normalised once; the critic, the actor, the target critic and the conv pass after the
+            # critic step would each do it again (four float copies of 31 MiB per update).
+            obs, next_obs = normalise_frames(obs), normalise_frames(next_obs)
         with self._autocast():
             self._update_critic(obs, action, reward, next_obs, not_done)
 
@@ -198,7 +208,7 @@ class SacAeAgent:
             if step % cfg.critic_target_update_freq == 0:
                 self._update_targets()
             if update_ae:
-                self._update_autoencoder(obs, conv)
+                self._update_autoencoder(frames, conv)
 
     def _update_critic(self, obs, action, reward, next_obs, not_done) -> None:
         with torch.no_grad():

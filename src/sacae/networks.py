@@ -87,6 +87,15 @@ def weight_init(m: nn.Module) -> None:
         nn.init.orthogonal_(m.weight.data[:, :, mid, mid], nn.init.calculate_gain("relu"))
 
 
+def normalise_frames(obs: torch.Tensor) -> torch.Tensor:
+    """uint8 frames as the conv stack takes them: float32 in [0, 1] (x / 255), channels-last. Floating-point frames
+    are taken as normalised already, so that an update can normalise a batch once for all the passes over it."""
+    if obs.is_floating_point():
+        return obs.contiguous(memory_format=MEMORY_FORMAT)
+    # Reordered as uint8, a quarter of the bytes of the float copy; x / 255 is the same whatever the layout.
+    return obs.contiguous(memory_format=MEMORY_FORMAT).float().div_(255.0)
+
+
 class PixelEncoder(nn.Module):
     """uint8 images -> conv stack -> Linear -> LayerNorm -> tanh features.
 
@@ -107,7 +116,8 @@ class PixelEncoder(nn.Module):
         self.ln = nn.LayerNorm(feature_dim)
 
     def forward_conv(self, obs: torch.Tensor) -> torch.Tensor:
-        h = (obs.float() / 255.0).contiguous(memory_format=MEMORY_FORMAT)
+        """Conv features of uint8 frames, or of frames that `normalise_frames` has made floats already."""
+        h = normalise_frames(obs)
         for conv in self.convs:
             h = torch.relu(conv(h))
         return h.flatten(1)
