@@ -20,7 +20,13 @@ ONEDNN_LINEAR_VARIABLE = "SACAE_ONEDNN_LINEAR"
 
 
 def onednn_linear_enabled() -> bool:
-    return torch.backends.mkldnn.is_available() and os.environ.get(ONEDNN_LINEAR_VARIABLE, "1") != "0"
+    """Whether fp32 linear layers on a CPU go to oneDNN: torch has it (and its matmul operator), and it is not
+    switched off."""
+    return (
+        os.environ.get(ONEDNN_LINEAR_VARIABLE, "1") != "0"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
