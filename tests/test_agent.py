@@ -555,18 +555,23 @@ def test_act_bounds_and_sampling(variant):
     np.testing.assert_array_equal(s1, agent.act(obs, sample=True))
 
 
+def small_pixel_agent_and_batch() -> tuple[SacAeAgent, Batch]:
+    """A small SAC+AE agent on 64x64 frames (seeded) and one batch of 8 random transitions for it."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(action_repeat=8, hidden_dim=32, num_filters=8, batch_size=8, encoder_feature_dim=8)
+    agent = SacAeAgent((9, 64, 64), 2, cfg, torch.device("cpu"))
+    b = 8
+    obs, next_obs = (torch.randint(0, 256, (b, 9, 64, 64), dtype=torch.uint8) for _ in range(2))
+    return agent, Batch(obs, torch.rand(b, 2) * 2 - 1, torch.rand(b, 1), next_obs, torch.ones(b, 1))
+
+
 def test_fused_adam_gives_the_single_tensor_loops_parameters():
     """Each of four updates, from the same state (Adam's moments and step count included), with the fused optimizers
     and with the single-tensor loop. Compared update by update: over several updates at Adam's eps 1e-8 a rounding
     difference in a near-zero gradient can turn into a step of lr in either implementation."""
-    torch.manual_seed(0)
-    cfg = TrainConfig(action_repeat=8, hidden_dim=32, num_filters=8, batch_size=8, encoder_feature_dim=8)
-    agent = SacAeAgent((9, 64, 64), 2, cfg, torch.device("cpu"))
+    agent, batch = small_pixel_agent_and_batch()
     start = copy.deepcopy(agent)
     assert all(g["fused"] for opt in agent.optimizers().values() for g in opt.param_groups)
-    b = 8
-    obs, next_obs = (torch.randint(0, 256, (b, 9, 64, 64), dtype=torch.uint8) for _ in range(2))
-    batch = Batch(obs, torch.rand(b, 2) * 2 - 1, torch.rand(b, 1), next_obs, torch.ones(b, 1))
     for step in (0, 1, 2, 3):
         loop = copy.deepcopy(agent)
         for opt in loop.optimizers().values():
@@ -589,12 +594,7 @@ def test_fused_adam_gives_the_single_tensor_loops_parameters():
 def test_moments_saved_in_another_layout_load_in_the_parameters_layout():
     """Fused Adam reads parameter, gradient and moments as flat memory: a state whose moments were saved contiguous
     must still update a channels-last conv weight element by element."""
-    torch.manual_seed(0)
-    cfg = TrainConfig(action_repeat=8, hidden_dim=32, num_filters=8, batch_size=8, encoder_feature_dim=8)
-    agent = SacAeAgent((9, 64, 64), 2, cfg, torch.device("cpu"))
-    b = 8
-    obs, next_obs = (torch.randint(0, 256, (b, 9, 64, 64), dtype=torch.uint8) for _ in range(2))
-    batch = Batch(obs, torch.rand(b, 2) * 2 - 1, torch.rand(b, 1), next_obs, torch.ones(b, 1))
+    agent, batch = small_pixel_agent_and_batch()
     agent.update(batch, 1)
     state = copy.deepcopy(agent.state_dict())
     conv = agent.critic.encoder.convs[1].weight

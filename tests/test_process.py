@@ -15,11 +15,11 @@ import json, resource
 import torch
 from sacae.agent import SacAeAgent
 from sacae.config import TrainConfig
-from sacae.process import configure_process
+from sacae.process import configure_process, keep_freed_memory
 from sacae.replay import Batch
 
 configure_process(1)
-kept = __import__("sacae.process", fromlist=["_kept"])._kept
+kept = keep_freed_memory()  # whether configure_process could keep freed memory (idempotent)
 torch.manual_seed(0)
 agent = SacAeAgent((9, 84, 84), 1, TrainConfig(hidden_dim=64), torch.device("cpu"))
 obs, next_obs = (torch.randint(0, 256, (128, 9, 84, 84), dtype=torch.uint8) for _ in range(2))

@@ -318,14 +318,15 @@ def match_optimizer_layout(opt: torch.optim.Optimizer) -> None:
 
 @contextlib.contextmanager
 def frozen(params: list[torch.Tensor]):
-    """Parameters that operations inside the block treat as constants (requires_grad off, then restored)."""
+    """Parameters that operations inside the block treat as constants (requires_grad off, then as it was)."""
+    flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in params:
-            p.requires_grad_(True)
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def polyak(target: list[torch.Tensor], source: list[torch.Tensor], tau: float) -> None:

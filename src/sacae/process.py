@@ -1,8 +1,9 @@
 """How a training process uses the machine: its compute threads, and memory that it frees and allocates again.
 
-A pixel update allocates and frees dozens of image-batch tensors (128 x 9 x 84 x 84 float32: 32.5 MB each). glibc's
-malloc serves blocks that large with mmap and returns them to the kernel with munmap when freed, so every such tensor
-is faulted in again, page by page, each time: 25,000-70,000 page faults and ~10% of a CPU update's time. Told to keep
+A pixel update allocates and frees dozens of image-batch tensors (128 x 9 x 84 x 84 float32: 31 MiB each). glibc's
+malloc hands blocks that large back to the kernel when they are freed (munmap, or trimming the heap's free top once
+it exceeds a threshold), so the next update faults the same amount in again, page by page: 25,000-70,000 page faults
+and ~10% of a CPU update's time. Told to keep
 freed memory (no mmap for large blocks, no trimming of the heap's top), the same update makes a few hundred faults.
 The process's resident size then stays at its peak instead of shrinking between updates, which it does not do in a
 useful way anyway: the next update needs the same memory again.
