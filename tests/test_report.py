@@ -4,15 +4,19 @@ missing-seed rules and their notes, the pages and plots, and the CLI's errors.""
 import io
 import json
 import math
+import os
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sacae.cli import main
 from sacae.config import TrainConfig
 from sacae.errors import SacaeError
 from sacae.logger import Logger
+from sacae.process import processor_name
 from sacae.report import load_runs, summarize, write_report
 from tests.conftest import run_cli
 
@@ -169,6 +173,54 @@ def test_resumes_come_from_status_json_or_logs_that_go_back(tmp_path):
     assert not by_seed["seed_3"].resumed and by_seed["seed_3"].resumes is None
 
 
+def test_machines_come_from_the_sessions_in_status_json(tmp_path):
+    """Each distinct machine once, first use first; sessions before the first recorded one are said to be unknown."""
+    gpu = {"gpu": "NVIDIA H100 80GB HBM3", "device": "cuda:0", "threads": 8, "torch": "2.11.0"}
+    cpu = {"processor": "AMD EPYC", "cpu_count": 2, "threads": 1, "gpu": None, "device": "cpu", "torch": "2.13.0"}
+    sessions = [{**cpu, "from_env_steps": 5000, "to_env_steps": 9000}, {**gpu, "from_env_steps": 9000},
+                {**cpu, "from_env_steps": 12000}]  # fmt: skip
+    partly = make_run(tmp_path, "cartpole_swingup", "sac_ae", 1, {0: 1.0})
+    (partly / "status.json").write_text(json.dumps({"state": "finished", "sessions": sessions}))
+    fully = make_run(tmp_path, "cartpole_swingup", "sac_ae", 2, {0: 1.0})
+    (fully / "status.json").write_text(json.dumps({"state": "finished", "sessions": [{**cpu, "from_env_steps": 0}]}))
+    make_run(tmp_path, "cartpole_swingup", "sac_ae", 3, {0: 1.0})
+    by_seed = {r.seed: r for r in load_runs(tmp_path)}
+    assert by_seed["seed_1"].machines == [
+        "before 5k env steps: not recorded",
+        "AMD EPYC (2 cores), 1 thread, torch 2.13.0",
+        "NVIDIA H100 80GB HBM3 (cuda:0), torch 2.11.0",
+    ]
+    assert by_seed["seed_2"].machines == ["AMD EPYC (2 cores), 1 thread, torch 2.13.0"]
+    assert by_seed["seed_3"].machines == ["not recorded"]
+
+
+def test_notes_and_page_place_the_markdown_elsewhere(runs_root, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("## What was checked\n\nThe schedule, against\n[ALGORITHM.md](ALGORITHM.md).\n\n"
+                     "- first point\n  continued here\n- second `point`\n")  # fmt: skip
+    out, page = tmp_path / "results" / "figures", tmp_path / "results.md"
+    argv = ["report", str(runs_root), "--out", str(out), "--bootstrap_reps", str(REPS), "--at", "100000",
+            "--notes", str(notes), "--page", str(page)]  # fmt: skip
+    assert main(argv) == 0
+    markdown = page.read_text()
+    assert not (out / "report.md").exists()
+    assert f"--notes {notes} --page {page}`" in markdown
+    expected = ("## What was checked\n\nThe schedule, against [ALGORITHM.md](ALGORITHM.md).\n\n"
+                "- first point continued here\n- second `point`\n\n## cartpole_swingup")  # fmt: skip
+    assert expected in markdown
+    assert "![cartpole_swingup returns](results/figures/cartpole_swingup_returns.png)" in markdown
+    assert (page.parent / "results/figures/cartpole_swingup_returns.png").is_file()
+    html = (out / "report.html").read_text()
+    assert "<h2>What was checked</h2>" in html and '<a href="ALGORITHM.md">ALGORITHM.md</a>' in html
+    assert "<li>second <code>point</code></li>" in html
+
+
+def test_a_missing_notes_file_is_one_sentence(capsys, runs_root, tmp_path):
+    line = error_line(capsys, ["report", str(runs_root), "--out", str(tmp_path), "--notes", str(tmp_path / "n.md")])
+    assert f"The notes file {tmp_path / 'n.md'} cannot be read" in line
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_a_truncated_last_log_line_is_ignored(tmp_path):
     run_dir = make_run(tmp_path, "cartpole_swingup", "sac_ae", 1, {0: 1.0, 10_000: 2.0})
     with open(run_dir / "eval.log", "a") as f:
@@ -196,6 +248,8 @@ def test_report_writes_pages_plots_and_summary(report_dir, runs_root):
     assert "| sac_ae | 2 of 3 | 315.0 | 21.2 | 315.0 [" in markdown
     assert "| published SAC+AE (CURL Table 1) |  | 311 | 11 |  |" in markdown
     assert "seed_3 stops at 60k env steps" in markdown
+    assert ("- sac_ae, seeds 1, 2, 3: `sacae train --task cartpole_swingup --num_train_steps 62500 --eval_freq 1250 "
+            "--seed S --work_dir runs/cartpole_swingup/sac_ae/seed_S` for S in 1 2 3") in markdown  # fmt: skip
     html = (report_dir / "report.html").read_text()
     assert html.count('<img src="data:image/png;base64,') == 2
     assert f"<code>{command}</code>" in html and "<table>" in html
@@ -262,3 +316,14 @@ def test_end_to_end_over_two_real_training_runs(tmp_path):
     assert "| sac_states | seed_1 | 2k | 2k | 3 |" in markdown and "| sac_states | seed_2 | 1k | 1k | 2 |" in markdown
     first = load_runs(tmp_path / "runs" / "cartpole_swingup" / "sac_states")[0]
     assert list(first.train_curve("critic_loss")[0]) == [1000, 2000] and not first.resumed
+    assert f"| 0 | {processor_name()} ({os.cpu_count()} cores), 1 thread, torch {torch.__version__} |" in markdown
+
+    # The page's command for seed_2 (its own line: the seeds differ in length) trains the same run again.
+    (line,) = [x for x in markdown.splitlines() if x.startswith("- sac_states seed_2: `")]
+    again = tmp_path / "again"
+    again.mkdir()
+    done = run_cli(shlex.split(line.split("`")[1])[1:], cwd=again)
+    assert done.returncode == 0, done.stderr
+    ours = json.loads((again / "runs" / "cartpole_swingup" / "sac_states" / "seed_2" / "config.json").read_text())
+    theirs = json.loads((tmp_path / "runs" / "cartpole_swingup" / "sac_states" / "seed_2" / "config.json").read_text())
+    assert {k: v for k, v in ours.items() if k != "work_dir"} == {k: v for k, v in theirs.items() if k != "work_dir"}

@@ -19,6 +19,7 @@ import torch
 
 from sacae.checkpoint import CheckpointStore
 from sacae.envs import DMCEnv
+from sacae.process import processor_name
 from sacae.replay import ReplayBuffer
 from sacae.storage import load_torch
 from tests.conftest import run_cli
@@ -105,10 +106,21 @@ def test_killed_at_five_points_and_resumed_is_identical(tmp_path, reference):
     assert_same_run(work, reference)
     status = json.loads((work / "status.json").read_text())
     assert status["resumes"] == 4  # the first kill came before any checkpoint: that attempt started over
+    # One record per session whose work a checkpoint kept, each taking the run on from where the last one's
+    # checkpoint left it, all on this machine with the thread count asked for.
+    sessions = status["sessions"]
+    assert len(sessions) == status["resumes"] + 1
+    assert sessions[0]["from_env_steps"] == 0 and sessions[-1]["to_env_steps"] == 2000
+    assert all(a["to_env_steps"] == b["from_env_steps"] for a, b in zip(sessions, sessions[1:], strict=False))
+    assert all(a["to_env_steps"] > a["from_env_steps"] for a in sessions)
+    assert {(s["processor"], s["device"], s["threads"], s["gpu"]) for s in sessions} == {
+        (processor_name(), "cpu", 1, None)
+    }
 
     again = train(work)  # a finished run, run again: said, exit 0, nothing changed
     assert again.returncode == 0 and "already finished" in again.stderr
     assert_same_run(work, reference)
+    assert json.loads((work / "status.json").read_text())["sessions"] == sessions
 
 
 def test_sigterm_checkpoints_and_a_damaged_newest_checkpoint_falls_back(tmp_path, reference):

@@ -8,7 +8,6 @@ update and the environment step in sequence and overlapped (--overlap).
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import statistics
 import tempfile
@@ -21,7 +20,7 @@ import torch
 
 from sacae.config import TrainConfig, resolve
 from sacae.errors import SacaeError
-from sacae.process import configure_process
+from sacae.process import configure_process, processor_name
 
 CONFIGURATIONS = {
     "sac_ae": {"encoder_type": "pixel", "decoder_type": "pixel"},
@@ -193,9 +192,7 @@ def run_bench(args: BenchArgs) -> dict:
     configure_process(args.num_threads)
     result = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "precision": args.precision,

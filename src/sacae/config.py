@@ -238,6 +238,32 @@ def conv_output_size(image_size: int, num_layers: int) -> int:
     return (image_size - 3) // 2 + 1 - 2 * (num_layers - 1)
 
 
+def default_action_repeat(domain_name: str, encoder_type: str) -> int:
+    """The action repeat a run gets without --action_repeat: the domain's PlaNet value from pixels, 1 from states."""
+    return PLANET_ACTION_REPEAT.get(domain_name, DEFAULT_ACTION_REPEAT) if encoder_type == "pixel" else 1
+
+
+def train_command(config: dict[str, Any], leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The `sacae train` words that reproduce a run from its config.json: --task, then each flag whose value is not
+    its default (the action repeat's default follows from the domain), in the order of `sacae train --help`."""
+    defaults = TrainConfig()
+    words = ["sacae", "train", "--task", f"{config['domain_name']}_{config['task_name']}"]
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name
+        if name in ("domain_name", "task_name", "task", *RUN_CONTROL_FIELDS, *leave_out) or name not in config:
+            continue
+        value, default = config[name], getattr(defaults, name)
+        if name == "action_repeat":
+            default = default_action_repeat(config["domain_name"], config.get("encoder_type", defaults.encoder_type))
+        if value == default and type(value) is type(default):
+            continue
+        if isinstance(value, bool):
+            words.append(f"--{name}" if value else f"--no_{name}")
+        elif value is not None:
+            words += [f"--{name}", str(value)]
+    return words
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill in derived defaults (task shorthand, action repeat) and reject impossible values with one sentence."""
     from sacae.envs import split_task_name  # imported lazily: envs imports dm_control
@@ -249,9 +275,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     else:
         split_task_name(f"{cfg.domain_name}_{cfg.task_name}", domain=cfg.domain_name, task=cfg.task_name)
     if cfg.action_repeat is None:
-        domain = changes.get("domain_name", cfg.domain_name)
-        ar = PLANET_ACTION_REPEAT.get(domain, DEFAULT_ACTION_REPEAT) if cfg.encoder_type == "pixel" else 1
-        changes["action_repeat"] = ar
+        changes["action_repeat"] = default_action_repeat(changes.get("domain_name", cfg.domain_name), cfg.encoder_type)
     cfg = dataclasses.replace(cfg, **changes)
     validate(cfg)
     return cfg

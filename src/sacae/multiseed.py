@@ -35,7 +35,7 @@ from sacae.envs import make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger
 from sacae.networks import MEMORY_FORMAT, tanh_gaussian
-from sacae.process import configure_process
+from sacae.process import configure_process, describe_session
 from sacae.replay import Batch, ReplayBuffer
 from sacae.storage import check_writable, save_torch_atomic, write_text_atomic
 from sacae.trainer import (
@@ -617,6 +617,7 @@ class MultiSeedTrainer:
         self.agent_steps = 0
         self.last_eval: int | None = None
         self.session_start = time.time()
+        self.session = describe_session(self.device)
         self.progress = None
         self._stop_signal: int | None = None
 
@@ -901,6 +902,9 @@ class MultiSeedTrainer:
                 "time": time.time(),
                 "message": message,
                 "seeds_in_process": self.seeds,
+                "sessions": [
+                    {**self.session, "from_env_steps": 0, "to_env_steps": self.env_steps, "seconds": round(elapsed, 1)}
+                ],  # fmt: skip
             }
             write_text_atomic(run.work_dir / "status.json", json.dumps(status, indent=2) + "\n")
 

@@ -1,4 +1,5 @@
-"""How a training process uses the machine: its compute threads, and memory that it frees and allocates again.
+"""How a training process uses the machine: its compute threads, memory that it frees and allocates again, and the
+machine described in words for status.json and reports.
 
 A pixel update allocates and frees dozens of image-batch tensors (128 x 9 x 84 x 84 float32: 31 MiB each). glibc's
 malloc hands blocks that large back to the kernel when they are freed (munmap, or trimming the heap's free top once
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import datetime
 import os
+import platform
+import socket
 import sys
+from typing import Any
 
 import torch
 
@@ -53,3 +58,31 @@ def configure_process(num_threads: int | None) -> None:
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     keep_freed_memory()
+
+
+def processor_name() -> str:
+    """The CPU's model name as the kernel reports it (e.g. "AMD EPYC 9B45"), else what Python's platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
+
+
+def describe_session(device: torch.device) -> dict[str, Any]:
+    """Where and on what this process trains: the record of one session of a run in its status.json (and the
+    machine a report prints beside the run's hours)."""
+    return {
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": socket.gethostname(),
+        "processor": processor_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": str(torch.__version__),  # a plain string: TorchVersion does not load with weights_only
+    }

@@ -16,6 +16,7 @@ import datetime
 import html
 import itertools
 import json
+import os
 import re
 import shlex
 import warnings
@@ -27,9 +28,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import tyro
 
-from sacae.config import EXECUTION_FIELDS, RUN_CONTROL_FIELDS, TrainConfig
+from sacae.config import EXECUTION_FIELDS, RUN_CONTROL_FIELDS, TrainConfig, train_command
 from sacae.errors import SacaeError
 from sacae.logger import read_jsonl
+from sacae.storage import write_text_atomic
 from sacae.testbed import PublishedReturn, published_returns
 
 if TYPE_CHECKING:
@@ -58,6 +60,11 @@ class ReportArgs:
     """Environment steps of the table's columns."""
     bootstrap_reps: int = DEFAULT_REPS
     """Bootstrap resamples for the confidence intervals."""
+    notes: str | None = None
+    """A Markdown file (## and ### headings, paragraphs, "- " lists) placed under the page's introduction: what the
+    logs cannot say, e.g. what was checked where a result differs from the published one."""
+    page: str | None = None
+    """Write the Markdown page to this file instead of OUT/report.md (its plot links lead into OUT)."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -146,6 +153,24 @@ class Run:
                 return True
         return False
 
+    @property
+    def sessions(self) -> list[dict[str, Any]]:
+        """status.json's record of the sessions (processes) that trained the run: machine, env steps from and to."""
+        sessions = self.status.get("sessions") if self.status else None
+        return [s for s in sessions if isinstance(s, dict)] if isinstance(sessions, list) else []
+
+    @property
+    def machines(self) -> list[str]:
+        """The machines the run trained on, in words, first use first; "not recorded" stands for sessions that left
+        no record (sessions of versions that did not record them)."""
+        if not self.sessions:
+            return ["not recorded"]
+        labels = [machine_label(s) for s in self.sessions]
+        first = self.sessions[0].get("from_env_steps")
+        if isinstance(first, int) and first > 0:
+            labels.insert(0, f"before {steps_label(first)} env steps: not recorded")
+        return list(dict.fromkeys(labels))
+
     def value_at(self, env_steps: int) -> tuple[int, float] | None:
         """(env steps of the evaluation used, its return) for the column at `env_steps`: the evaluation at exactly
         that step, else the last one before it if at most one evaluation interval earlier, else None."""
@@ -157,6 +182,19 @@ class Run:
         if steps[i] == env_steps or (interval is not None and env_steps - steps[i] <= interval):
             return int(steps[i]), float(returns[i])
         return None
+
+
+def machine_label(session: dict[str, Any]) -> str:
+    """One session's machine in words: "NVIDIA H100 80GB HBM3 (cuda:0), torch 2.11.0" or "AMD EPYC (2 cores),
+    1 thread, torch 2.13.0+cpu"."""
+    if session.get("gpu"):
+        where = f"{session['gpu']} ({session.get('device', 'cuda')})"
+    else:
+        cores = session.get("cpu_count")
+        where = f"{session.get('processor', 'unknown processor')}" + (f" ({_count(cores, 'core')})" if cores else "")
+        if isinstance(session.get("threads"), int):
+            where += f", {_count(session['threads'], 'thread')}"
+    return where + (f", torch {session['torch']}" if session.get("torch") else "")
 
 
 def _is_number(row: dict[str, Any], key: str) -> bool:
@@ -347,6 +385,8 @@ def _run_dict(run: Run) -> dict[str, Any]:
         "state": run.state,
         "resumed": run.resumed,
         "resumes": run.resumes,
+        "machines": run.machines,
+        "command": run_command(run),
     }
 
 
@@ -672,14 +712,38 @@ def _table_block(summary: Summary, task: str, env_steps: int) -> tuple[str, list
 
 
 def _runs_block(runs: Sequence[Run]) -> tuple[str, list[str], list[list[str]]]:
-    header = ["configuration", "seed", "last eval (env steps)", "planned", "evaluations", "hours", "state", "resumes"]
+    header = ["configuration", "seed", "last eval (env steps)", "planned", "evaluations", "hours", "state", "resumes",
+              "machine"]  # fmt: skip
     rows = []
     for r in runs:
         last, planned = r.last_eval_env_steps, r.planned_env_steps
         rows.append([r.configuration, r.seed, steps_label(last) if last is not None else "none",
                      steps_label(planned) if planned is not None else "?", str(len(r.eval_curve()[0])),
-                     f"{r.wall_clock_hours:.2f}", r.state or "", _resumes_text(r)])  # fmt: skip
+                     f"{r.wall_clock_hours:.2f}", r.state or "", _resumes_text(r), "; ".join(r.machines)])  # fmt: skip
     return ("table", header, rows)
+
+
+def run_command(run: Run) -> str:
+    """The `sacae train` command that reproduces the run into the folder layout of `sacae sweep` and this report:
+    runs/<task>/<configuration>/seed_<i>."""
+    words = train_command(run.config, leave_out=("seed", "work_dir"))
+    if "seed" in run.config:
+        words += ["--seed", str(run.config["seed"])]
+    return shlex.join([*words, "--work_dir", f"runs/{run.task}/{run.configuration}/{run.seed}"])
+
+
+def _commands_block(configurations: dict[str, list[Run]]) -> tuple[str, list[str]]:
+    """One line per configuration whose seeds differ only in the seed (else one per seed)."""
+    items = []
+    for name, seeds in configurations.items():
+        shared = {shlex.join(train_command(r.config, leave_out=("seed", "work_dir"))) for r in seeds}
+        numbers = [str(r.config.get("seed", "?")) for r in seeds]
+        if len(shared) == 1 and len(seeds) > 1:
+            items.append(f"{name}, seeds {', '.join(numbers)}: `{shared.pop()} --seed S "
+                         f"--work_dir runs/{seeds[0].task}/{name}/seed_S` for S in {' '.join(numbers)}")  # fmt: skip
+        else:
+            items += [f"{name} {r.seed}: `{run_command(r)}`" for r in seeds]
+    return ("ul", items)
 
 
 def _resumes_text(run: Run) -> str:
@@ -702,7 +766,45 @@ def _method_text(summary: Summary) -> str:
     )
 
 
-def _blocks(summary: Summary, images: dict[str, tuple[str, str]]) -> list[tuple[Any, ...]]:
+def notes_blocks(text: str) -> list[tuple[Any, ...]]:
+    """A notes file as page blocks: "## "/"### " headings, paragraphs (consecutive lines), "- " list items (with
+    indented continuation lines)."""
+    blocks: list[tuple[Any, ...]] = []
+    paragraph: list[str] = []
+    items: list[str] = []
+
+    def flush() -> None:
+        if paragraph:
+            blocks.append(("p", " ".join(paragraph)))
+            paragraph.clear()
+        if items:
+            blocks.append(("ul", list(items)))
+            items.clear()
+
+    for line in text.splitlines():
+        stripped = line.strip()
+        heading = re.fullmatch(r"(#{1,6})\s+(.*)", stripped)
+        if not stripped or heading:
+            flush()
+            if heading:
+                blocks.append((f"h{min(max(len(heading[1]), 2), 3)}", heading[2]))
+        elif stripped.startswith(("- ", "* ")):
+            if paragraph:
+                flush()
+            items.append(stripped[2:].strip())
+        elif items and line[:1].isspace():
+            items[-1] += " " + stripped
+        else:
+            if items:
+                flush()
+            paragraph.append(stripped)
+    flush()
+    return blocks
+
+
+def _blocks(
+    summary: Summary, images: dict[str, tuple[str, str]], notes: Sequence[tuple[Any, ...]] = ()
+) -> list[tuple[Any, ...]]:
     grouped = _by_task(summary.runs)
     blocks: list[tuple[Any, ...]] = [
         ("h1", "Training report"),
@@ -713,6 +815,7 @@ def _blocks(summary: Summary, images: dict[str, tuple[str, str]]) -> list[tuple[
             f"{_count(len(summary.tasks), 'task')}.",
         ),  # fmt: skip
         ("p", _method_text(summary)),
+        *notes,
     ]
     for task in summary.tasks:
         blocks += [("h2", task), ("img", *images[f"{task}_returns"])]
@@ -721,7 +824,8 @@ def _blocks(summary: Summary, images: dict[str, tuple[str, str]]) -> list[tuple[
         if summary.notes.get(task):
             blocks += [("h3", "Notes"), ("ul", summary.notes[task])]
         runs = [r for seeds in grouped[task].values() for r in seeds]
-        blocks += [("h3", "Runs"), _runs_block(runs), ("h3", "Training"), ("img", *images[f"{task}_losses"])]
+        blocks += [("h3", "Runs"), _runs_block(runs), ("h3", "Commands"), _commands_block(grouped[task]),
+                   ("h3", "Training"), ("img", *images[f"{task}_losses"])]  # fmt: skip
     return blocks
 
 
@@ -750,7 +854,8 @@ def render_markdown(blocks: Sequence[tuple[Any, ...]]) -> str:
 
 
 def _inline_html(text: str) -> str:
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
 
 
 def render_html(blocks: Sequence[tuple[Any, ...]], image_dir: Path) -> str:
@@ -776,7 +881,14 @@ def render_html(blocks: Sequence[tuple[Any, ...]], image_dir: Path) -> str:
             f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")  # fmt: skip
 
 
-def report_command(path: str | Path, out_dir: str | Path | None, at: Sequence[int], bootstrap_reps: int) -> str:
+def report_command(
+    path: str | Path,
+    out_dir: str | Path | None,
+    at: Sequence[int],
+    bootstrap_reps: int,
+    notes: str | Path | None = None,
+    page: str | Path | None = None,
+) -> str:
     """The `sacae report` command line that writes this report."""
     words = ["sacae", "report", str(path)]
     if out_dir is not None:
@@ -785,6 +897,9 @@ def report_command(path: str | Path, out_dir: str | Path | None, at: Sequence[in
         words += ["--at", *map(str, at)]
     if bootstrap_reps != DEFAULT_REPS:
         words += ["--bootstrap_reps", str(bootstrap_reps)]
+    for flag, value in (("--notes", notes), ("--page", page)):
+        if value is not None:
+            words += [flag, str(value)]
     return shlex.join(words)
 
 
@@ -793,17 +908,25 @@ def write_report(
     out_dir: str | Path | None = None,
     at: Sequence[int] = DEFAULT_AT,
     bootstrap_reps: int = DEFAULT_REPS,
+    notes: str | Path | None = None,
+    page: str | Path | None = None,
 ) -> Path:
     """Load the runs under `path`, summarise them and write report.md, report.html, summary.json and per task
-    <task>_returns.png and <task>_losses.png to `out_dir` (default: PATH/report). Returns the output folder."""
+    <task>_returns.png and <task>_losses.png to `out_dir` (default: PATH/report); with `page`, the Markdown goes
+    there instead, its plot links relative to it. `notes`: a Markdown file placed under the introduction. Returns
+    the output folder."""
     runs = load_runs(path)
+    note_blocks = notes_blocks(_read_notes(Path(notes))) if notes is not None else []
     out = Path(out_dir) if out_dir is not None else Path(path) / "report"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SacaeError(f"The output folder {out} cannot be created ({e.strerror}).") from None
+    page_path = Path(page) if page is not None else out / "report.md"
+    for folder in (out, page_path.parent):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SacaeError(f"The output folder {folder} cannot be created ({e.strerror}).") from None
     summary = dataclasses.replace(
-        summarize(runs, at, bootstrap_reps), generated_by=report_command(path, out_dir, at, bootstrap_reps)
+        summarize(runs, at, bootstrap_reps),
+        generated_by=report_command(path, out_dir, at, bootstrap_reps, notes, page),
     )
     images: dict[str, tuple[str, str]] = {}
     for task in summary.tasks:
@@ -811,14 +934,24 @@ def write_report(
             fig = plot(runs, task, bootstrap_reps)
             fig.savefig(out / f"{task}_{kind}.png", dpi=110)
             images[f"{task}_{kind}"] = (f"{task}_{kind}.png", f"{task} {kind}")
-    blocks = _blocks(summary, images)
-    (out / "report.md").write_text(render_markdown(blocks))
-    (out / "report.html").write_text(render_html(blocks, out))
-    (out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    blocks = _blocks(summary, images, note_blocks)
+    link = Path(os.path.relpath(out, page_path.parent))
+    page_blocks = [("img", (link / b[1]).as_posix(), b[2]) if b[0] == "img" else b for b in blocks]
+    write_text_atomic(page_path, render_markdown(page_blocks))
+    write_text_atomic(out / "report.html", render_html(blocks, out))
+    write_text_atomic(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
     return out
+
+
+def _read_notes(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SacaeError(f"The notes file {path} cannot be read ({getattr(e, 'strerror', None) or e}).") from None
 
 
 def report(args: ReportArgs) -> None:
     """`sacae report`: write the report and say where."""
-    out = write_report(args.path, args.out, args.at, args.bootstrap_reps)
-    print(f"Wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'summary.json'} and the plots.")
+    out = write_report(args.path, args.out, args.at, args.bootstrap_reps, args.notes, args.page)
+    page = args.page if args.page is not None else out / "report.md"
+    print(f"Wrote {page}, {out / 'report.html'}, {out / 'summary.json'} and the plots.")

@@ -36,7 +36,7 @@ from sacae.config import EXECUTION_FIELDS, TrainConfig, resolve
 from sacae.envs import DMCEnv, make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger
-from sacae.process import configure_process
+from sacae.process import configure_process, describe_session
 from sacae.replay import ReplayBuffer
 from sacae.storage import check_writable, load_torch, save_torch_atomic, write_text_atomic
 from sacae.video import VideoRecorder
@@ -304,9 +304,13 @@ class Trainer:
         self.resumes = 0
         self.elapsed_before = 0.0  # training seconds of the earlier sessions of this run
         self.session_start = time.time()
+        self.earlier_sessions: list[dict[str, Any]] = []  # one record per earlier session (process) of this run
+        self.session = describe_session(self.device)
         self._stop_signal: int | None = None
 
         log_sizes = self._restore()
+        self.session["from_env_steps"] = self.env_steps
+        self.reopened_finished_run = self.finished
         write_text_atomic(self.work_dir / "config.json", cfg.to_json())
         if cfg.save_model:
             self.model_dir.mkdir(exist_ok=True)
@@ -386,6 +390,8 @@ class Trainer:
         self.finished = state["finished"]
         self.resumes = state["resumes"] + (0 if self.finished else 1)
         self.elapsed_before = state["elapsed_seconds"]
+        # Checkpoints written before sessions were recorded have none: their earlier sessions stay unknown.
+        self.earlier_sessions = list(state.get("sessions", []))
         return state["log_sizes"]
 
     # ---------------------------------------------------------------------------------------------------------
@@ -700,6 +706,7 @@ class Trainer:
             "log_sizes": self.logger.sizes(),
             "resumes": self.resumes,
             "elapsed_seconds": self.elapsed_seconds,
+            "sessions": self.sessions(),
         }
         path = self.store.save(state, self.replay, self.agent_steps)
         self.last_checkpoint = self.agent_steps
@@ -719,14 +726,25 @@ class Trainer:
             "host": socket.gethostname(),
             "time": time.time(),
             "message": message,
+            "sessions": self.sessions(),
         }
         write_text_atomic(self.work_dir / "status.json", json.dumps(status, indent=2) + "\n")
 
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every session (process) that trained this run, this one last: its machine, the env steps it took the run
+        from and to, and its seconds. A session that only reopened a finished run adds nothing."""
+        if self.reopened_finished_run:
+            return self.earlier_sessions
+        current = {
+            **self.session,
+            "to_env_steps": self.env_steps,
+            "seconds": round(time.time() - self.session_start, 1),
+        }
+        return [*self.earlier_sessions, current]
+
     def _session_speed(self) -> float | None:
-        if not hasattr(self, "_session_first_step"):
-            self._session_first_step = self.env_steps
         seconds = time.time() - self.session_start
-        done = self.env_steps - self._session_first_step
+        done = self.env_steps - self.session["from_env_steps"]
         return round(done / seconds, 3) if done > 0 and seconds > 0 else None
 
 
