@@ -194,23 +194,25 @@ def test_machines_come_from_the_sessions_in_status_json(tmp_path):
     assert by_seed["seed_3"].machines == ["not recorded"]
 
 
-def test_notes_and_page_place_the_markdown_elsewhere(runs_root, tmp_path):
+def test_notes_page_and_title_place_the_markdown_elsewhere(runs_root, tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("## What was checked\n\nThe schedule, against\n[ALGORITHM.md](ALGORITHM.md).\n\n"
                      "- first point\n  continued here\n- second `point`\n")  # fmt: skip
     out, page = tmp_path / "results" / "figures", tmp_path / "results.md"
     argv = ["report", str(runs_root), "--out", str(out), "--bootstrap_reps", str(REPS), "--at", "100000",
-            "--notes", str(notes), "--page", str(page)]  # fmt: skip
+            "--notes", str(notes), "--page", str(page), "--title", "Results & more"]  # fmt: skip
     assert main(argv) == 0
     markdown = page.read_text()
     assert not (out / "report.md").exists()
-    assert f"--notes {notes} --page {page}`" in markdown
+    assert markdown.startswith("# Results & more\n")
+    assert f"--notes {notes} --page {page} --title 'Results & more'`" in markdown
     expected = ("## What was checked\n\nThe schedule, against [ALGORITHM.md](ALGORITHM.md).\n\n"
                 "- first point continued here\n- second `point`\n\n## cartpole_swingup")  # fmt: skip
     assert expected in markdown
     assert "![cartpole_swingup returns](results/figures/cartpole_swingup_returns.png)" in markdown
     assert (page.parent / "results/figures/cartpole_swingup_returns.png").is_file()
     html = (out / "report.html").read_text()
+    assert "<title>Results &amp; more</title>" in html and "<h1>Results &amp; more</h1>" in html
     assert "<h2>What was checked</h2>" in html and '<a href="ALGORITHM.md">ALGORITHM.md</a>' in html
     assert "<li>second <code>point</code></li>" in html
 
