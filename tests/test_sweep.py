@@ -1,10 +1,13 @@
 """sacae sweep on this machine (the local executor) and sacae status, with tiny state-based runs."""
 
+import functools
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -142,6 +145,35 @@ def test_running_run_is_left_alone_then_stopped_then_resumed(tmp_path):
     assert row.state == "finished" and row.env_steps == 20000
     episodes = [r["episode"] for r in map(json.loads, (d / "train.log").read_text().splitlines())]
     assert episodes == list(range(1, 21))  # resumed, not started over
+
+
+def test_a_run_stopped_from_outside_is_reported_as_resumable(tmp_path, monkeypatch):
+    """SIGTERM to a run (a cluster's preemption, a user's kill) makes it checkpoint and stop: the sweep says so and
+    how to resume, rather than reporting a failure; its progress lines come when the runs move on, not every tick."""
+    monkeypatch.setattr(sweep_module, "run_local", functools.partial(sweep_module.run_local, progress_seconds=0.1))
+    runs = tmp_path / "runs"
+    longer = [*TINY, "--num_train_steps", "2500", "--eval_freq", "1250"]
+    lines: list[tuple[float, str]] = []
+    args = SweepArgs(tasks=(TASK,), train_args=tuple(longer), seeds=(1,), runs_dir=str(runs), executor="local")
+    outcome: dict = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(sweep(args, say=lambda line: lines.append((time.time(), line)), cwd=tmp_path))
+    )
+    thread.start()
+    d = run_dir(runs, 1)
+    try:
+        wait_for(lambda: status_of(d).get("env_steps", 0) >= 3000, 120, "the run's third episode")
+        os.kill(int((d / "id").read_text()), signal.SIGTERM)
+    finally:
+        thread.join(timeout=120)
+    steps = status_of(d)["env_steps"]
+    said = [line for _, line in lines]
+    assert f"[1/1] {TASK}/sac_states/seed_1: stopped at {steps} env steps after" in said[-1], said
+    assert said[-1].endswith("with a checkpoint; run the sweep again to resume")
+    progress = [(t, line) for t, line in lines if " running (" in line]
+    assert len(progress) >= 2, said
+    for (t0, a), (t1, b) in itertools.pairwise(progress):
+        assert a != b or t1 - t0 >= 0.95, (a, t1 - t0)  # the same line again only after ten intervals
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -438,7 +438,8 @@ def run_local(
     exit status by name. Ctrl-C (or SIGTERM to the sweep) asks every run to checkpoint and stop, and waits."""
     threads = max(1, len(os.sched_getaffinity(0)) // max_parallel)
     waiting, running, codes = list(plans), [], {}
-    last_progress = time.time()
+    last_check = last_said = time.time()
+    last_line = ""
 
     def start(plan: RunPlan) -> None:
         if local_process_alive(read_id(plan.run_dir), plan.run_dir):
@@ -472,8 +473,12 @@ def run_local(
             codes[run.plan.name] = code
             done = f"{len(codes)}/{len(plans)}"
             took = f"{time.time() - run.started:.0f} s"
+            status = read_status(run.plan.run_dir) or {}
             if code == 0:
                 say(f"[{done}] {run.plan.name}: finished in {took}")
+            elif status.get("state") == "stopped":  # a signal from outside the sweep: it checkpointed and stopped
+                say(f"[{done}] {run.plan.name}: stopped at {status.get('env_steps')} env steps after {took}, with a "
+                    "checkpoint; run the sweep again to resume")  # fmt: skip
             else:
                 say(f"[{done}] {run.plan.name}: exited with status {code} after {took}; see {run.plan.run_dir}/stderr")
 
@@ -487,9 +492,13 @@ def run_local(
                 start(waiting.pop(0))
             time.sleep(0.5)
             reap()
-            if running and time.time() - last_progress >= progress_seconds:
-                last_progress = time.time()
-                say(local_progress(running, len(waiting), len(codes)))
+            if running and time.time() - last_check >= progress_seconds:
+                # A line when the runs have moved on, else one every ten intervals to show the sweep is alive.
+                last_check = time.time()
+                line = local_progress(running, len(waiting), len(codes))
+                if line != last_line or last_check - last_said >= 10 * progress_seconds:
+                    say(line)
+                    last_said, last_line = last_check, line
     except KeyboardInterrupt:
         say(f"stopping {len(running)} running run(s): each writes a checkpoint; run the sweep again to resume")
         for run in running:
