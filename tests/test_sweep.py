@@ -149,10 +149,12 @@ def test_running_run_is_left_alone_then_stopped_then_resumed(tmp_path):
 
 def test_a_run_stopped_from_outside_is_reported_as_resumable(tmp_path, monkeypatch):
     """SIGTERM to a run (a cluster's preemption, a user's kill) makes it checkpoint and stop: the sweep says so and
-    how to resume, rather than reporting a failure; its progress lines come when the runs move on, not every tick."""
+    how to resume, rather than reporting a failure; its progress lines come when the runs move on, not every tick.
+    A sweep of one run gives it every core as threads."""
     monkeypatch.setattr(sweep_module, "run_local", functools.partial(sweep_module.run_local, progress_seconds=0.1))
     runs = tmp_path / "runs"
-    longer = [*TINY, "--num_train_steps", "2500", "--eval_freq", "1250"]
+    i = TINY.index("--num_threads")
+    longer = [*TINY[:i], *TINY[i + 2 :], "--num_train_steps", "2500", "--eval_freq", "1250"]
     lines: list[tuple[float, str]] = []
     args = SweepArgs(tasks=(TASK,), train_args=tuple(longer), seeds=(1,), runs_dir=str(runs), executor="local")
     outcome: dict = {}
@@ -166,8 +168,11 @@ def test_a_run_stopped_from_outside_is_reported_as_resumable(tmp_path, monkeypat
         os.kill(int((d / "id").read_text()), signal.SIGTERM)
     finally:
         thread.join(timeout=120)
-    steps = status_of(d)["env_steps"]
+    status = status_of(d)
+    steps = status["env_steps"]
     said = [line for _, line in lines]
+    assert said[0].endswith(", 1 at a time"), said
+    assert status["sessions"][0]["threads"] == len(os.sched_getaffinity(0))
     assert f"[1/1] {TASK}/sac_states/seed_1: stopped at {steps} env steps after" in said[-1], said
     assert said[-1].endswith("with a checkpoint; run the sweep again to resume")
     progress = [(t, line) for t, line in lines if " running (" in line]

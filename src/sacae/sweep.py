@@ -646,7 +646,8 @@ def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path |
         return outcome
 
     if to_start:
-        parallel = args.max_parallel or local_max_parallel(to_start[0].cfg)
+        # No more at a time than there are runs: the cores of the slots left empty go to the runs' threads.
+        parallel = min(args.max_parallel or local_max_parallel(to_start[0].cfg), len(to_start))
         say(f"{len(to_start)} run(s) on {socket.gethostname()}, {parallel} at a time")
         codes = run_local(to_start, parallel, say)
         for name, code in codes.items():
