@@ -415,10 +415,11 @@ class Trainer:
     def describe(self) -> str:
         cfg = self.cfg
         per = self.replay.bytes_per_transition
+        threads = torch.get_num_threads()
         return (
             f"sacae: {cfg.configuration} on {cfg.env_name} (action repeat {cfg.action_repeat}), "
             f"{cfg.num_train_steps:,} agent steps = {cfg.num_train_steps * cfg.action_repeat:,} env steps, "
-            f"device {self.device}, {cfg.precision}, {torch.get_num_threads()} threads, overlap "
+            f"device {self.device}, {cfg.precision}, {threads} thread{'' if threads == 1 else 's'}, overlap "
             f"{'on' if self.overlap else 'off'}; replay {len_fmt(per)} per transition, "
             f"{self.replay_bytes / 1e9:.2f} GB for {self.replay.capacity:,}, {self.replay_placement.describe()}; "
             f"output in {self.work_dir}"
