@@ -15,7 +15,7 @@ import pytest
 
 from sacae import sweep as sweep_module
 from sacae.cli import main
-from sacae.status import collect_status, format_table, run_status
+from sacae.status import collect_status, format_table, run_status, training_rate
 from sacae.sweep import SlurmJob, SweepArgs, plan_sweep, sbatch_lines, slurm_script, sweep
 from tests.conftest import SMALL, run_cli
 
@@ -179,6 +179,47 @@ def test_a_run_stopped_from_outside_is_reported_as_resumable(tmp_path, monkeypat
     assert len(progress) >= 2, said
     for (t0, a), (t1, b) in itertools.pairwise(progress):
         assert a != b or t1 - t0 >= 0.95, (a, t1 - t0)  # the same line again only after ten intervals
+
+
+def test_status_finds_a_run_started_by_sacae_train_itself(tmp_path):
+    """No sweep, no `id` file, a relative --work_dir: status finds the process through status.json and shows it
+    running (with its pid as the job) from another folder, then finished."""
+    longer = [*TINY, "--num_train_steps", "2500", "--eval_freq", "1250"]
+    (tmp_path / "elsewhere").mkdir()
+    train = subprocess.Popen(
+        [sys.executable, "-m", "sacae.cli", "train", "--task", TASK, *longer, "--work_dir", "./runs/mine"],
+        cwd=tmp_path / "elsewhere", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    d = tmp_path / "elsewhere" / "runs" / "mine"
+    try:
+        wait_for(lambda: status_of(d).get("env_steps", 0) >= 1000, 120, "the run's first episode")
+        [row] = collect_status([d])
+        assert (row.state, row.job) == ("running", str(train.pid)), row
+        _, err = train.communicate(timeout=120)
+    finally:
+        if train.poll() is None:
+            train.kill()
+    assert train.returncode == 0, err
+    [row] = collect_status([d])
+    assert row.state == "finished"
+
+
+def test_training_rate_leaves_the_seed_phase_out_once_updates_begin():
+    seed_phase = [{"env_steps": 1000 * i, "duration": 1.0, "critic_loss": None} for i in (1, 2)]
+    training = [{"env_steps": 1000 * i, "duration": 10.0, "critic_loss": 0.5} for i in (3, 4, 5)]
+    assert training_rate(seed_phase) == (1000.0, False)
+    assert training_rate(seed_phase + training) == (100.0, True)
+    assert training_rate([]) == (None, False)
+
+
+def test_no_eta_during_the_seed_phase(tmp_path):
+    d = fake_run(tmp_path, "running", job_id=None, slurm=False, pid=None, total_env_steps=100_000)
+    (d / "config.json").write_text(json.dumps({"init_steps": 1000, "eval_freq": 1250, "action_repeat": 8}))
+    (d / "train.log").write_text(json.dumps({"env_steps": 1000, "duration": 1.0, "critic_loss": None}) + "\n")
+    assert run_status(d, {}).eta_seconds is None
+    with open(d / "train.log", "a") as f:
+        f.write(json.dumps({"env_steps": 2000, "duration": 10.0, "critic_loss": 0.5}) + "\n")
+    assert run_status(d, {}).eta_seconds == pytest.approx(97_000 / 100)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -107,19 +107,21 @@ def last_error_line(run_dir: Path) -> str:
     return ""
 
 
-def training_rate(train_rows: list[dict[str, Any]]) -> float | None:
-    """Environment steps per second of training over the last episodes (evaluations excluded)."""
-    steps = seconds = 0.0
+def training_rate(train_rows: list[dict[str, Any]]) -> tuple[float | None, bool]:
+    """Environment steps per second of training over the last episodes (evaluations excluded), and whether they
+    are episodes with updates. Once updates have begun only those count: the seed phase's random steps are many
+    times faster and would make the time left look short."""
+    episodes: list[tuple[int, float, bool]] = []  # env steps, seconds, updated
     previous = 0
-    tail = train_rows[-(RATE_EPISODES + 1) :]
-    for i, row in enumerate(tail):
+    for row in train_rows:
         env_steps, duration = row.get("env_steps"), row.get("duration")
-        if i > 0 or len(tail) <= RATE_EPISODES:
-            if isinstance(env_steps, int) and isinstance(duration, (int, float)) and env_steps > previous:
-                steps += env_steps - previous
-                seconds += duration
+        if isinstance(env_steps, int) and isinstance(duration, (int, float)) and env_steps > previous:
+            episodes.append((env_steps - previous, float(duration), row.get("critic_loss") is not None))
         previous = env_steps if isinstance(env_steps, int) else previous
-    return steps / seconds if seconds > 0 else None
+    updated = [e for e in episodes if e[2]]
+    recent = (updated or episodes)[-RATE_EPISODES:]
+    seconds = sum(e[1] for e in recent)
+    return (sum(e[0] for e in recent) / seconds if seconds > 0 else None), bool(updated)
 
 
 def time_left(
@@ -147,6 +149,15 @@ def slurm_final_state(job_id: str, job: SlurmJob | None) -> str | None:
     return sacct_state(job_id)
 
 
+def _trainer_pid(status: dict[str, Any]) -> str | None:
+    """The process that last wrote status.json, where it ran on this machine: the way to a run started by `sacae
+    train` itself, which has no `id` file."""
+    pid = status.get("pid")
+    if isinstance(pid, int) and not isinstance(pid, bool) and status.get("host") == socket.gethostname():
+        return str(pid)
+    return None
+
+
 def run_status(run_dir: Path, jobs: dict[str, SlurmJob] | None) -> RunStatus:
     """One run's state and progress; `jobs` is squeue's answer (None where Slurm cannot be asked)."""
     status = read_status(run_dir) or {}
@@ -171,7 +182,8 @@ def run_status(run_dir: Path, jobs: dict[str, SlurmJob] | None) -> RunStatus:
         else:
             state = "running"
             detail = "starting" if not trainer_state else (f"restarts {job.restarts}" if job.restarts else "")
-    elif not slurm and local_process_alive(job_id, run_dir):
+    elif not slurm and local_process_alive(job_id or _trainer_pid(status), run_dir):
+        job_id = job_id or _trainer_pid(status)
         state = "running"
         detail = "starting" if not trainer_state else ""
     elif slurm and jobs is None and job_id:
@@ -209,9 +221,10 @@ def run_status(run_dir: Path, jobs: dict[str, SlurmJob] | None) -> RunStatus:
     if total is None and cfg.get("num_train_steps") is not None:
         total = cfg["num_train_steps"] * (cfg.get("action_repeat") or 1)
     scored = [r for r in rows_eval if r.get("episode_reward") is not None]
-    rate = training_rate(rows_train)
+    rate, updating = training_rate(rows_train)
     eta = None
-    if state not in ("finished", "failed") and total is not None:
+    seed_phase_only = not updating and (cfg.get("init_steps") or 0) > 0  # the rate says nothing of what follows
+    if state not in ("finished", "failed") and total is not None and not seed_phase_only:
         eta = time_left(env_steps or 0, total, rate, rows_eval, cfg)
     task, configuration, seed = run_labels(run_dir)
     return RunStatus(

@@ -224,7 +224,8 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 
 
 def local_process_alive(pid_text: str | None, run_dir: Path) -> bool:
-    """Whether the process in `id` still runs this run (its command line names the run folder) on this machine."""
+    """Whether process `pid_text` still runs this run on this machine: its command line names the run folder (or a
+    path inside it), as given or relative to the process's working directory, alone or as `--flag=PATH`."""
     if not pid_text or not pid_text.isdigit():
         return False
     proc = Path("/proc") / pid_text
@@ -233,9 +234,21 @@ def local_process_alive(pid_text: str | None, run_dir: Path) -> bool:
         argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    folder = str(run_dir)
-    return state not in ("Z", "X") and any(a == folder or a.startswith(folder + "/") for a in argv)
+    try:
+        cwd = os.readlink(proc / "cwd")
+    except OSError:  # another user's process: its arguments can only be taken as they are
+        cwd = None
+    if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+        return False
+    folder = os.path.realpath(run_dir)
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        if not value or value.startswith("-"):
+            continue
+        path = os.path.realpath(os.path.join(cwd, value)) if cwd else value
+        if path == folder or path.startswith(folder + os.sep):
+            return True
+    return False
 
 
 def write_text(path: Path, text: str, mode: int = 0o644) -> None:
