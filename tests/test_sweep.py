@@ -1,5 +1,6 @@
 """sacae sweep on this machine (the local executor) and sacae status, with tiny state-based runs."""
 
+import contextlib
 import functools
 import itertools
 import json
@@ -44,6 +45,23 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def background_cli(args: list[str], cwd: Path):
+    """`python -m sacae.cli ARGS` in the background, its output captured; killed if the block leaves it running."""
+    process = subprocess.Popen([sys.executable, "-m", "sacae.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def first_episode(d: Path) -> None:
+    wait_for(lambda: status_of(d).get("env_steps", 0) >= 1000, 120, "the run's first episode")
 
 
 def status_of(d: Path) -> dict:
@@ -112,13 +130,9 @@ def test_running_run_is_left_alone_then_stopped_then_resumed(tmp_path):
     runs = tmp_path / "runs"
     longer = [*TINY, "--num_train_steps", "2500", "--eval_freq", "1250"]  # twenty episodes, ~15 s
     args = ["sweep", "--executor", "local", "--tasks", TASK, "--runs_dir", str(runs), "--num_seeds", "1", "--", *longer]
-    background = subprocess.Popen(
-        [sys.executable, "-m", "sacae.cli", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
     d = run_dir(runs, 1)
-    try:
-        wait_for(lambda: status_of(d).get("env_steps", 0) >= 1000, 120, "the run's first episode")
+    with background_cli(args, tmp_path) as background:
+        first_episode(d)
         [row] = collect_status([runs])
         assert row.state == "running" and row.job == (d / "id").read_text().strip()
         lines: list[str] = []
@@ -130,9 +144,6 @@ def test_running_run_is_left_alone_then_stopped_then_resumed(tmp_path):
         assert again == {f"{TASK}/sac_states/seed_1": f"running {row.job}"}, lines
         background.send_signal(signal.SIGINT)
         out, _ = background.communicate(timeout=120)
-    finally:
-        if background.poll() is None:
-            background.kill()
     assert background.returncode == 130, out
     [row] = collect_status([runs])
     assert row.state == "stopped", (row, out)
@@ -186,20 +197,13 @@ def test_status_finds_a_run_started_by_sacae_train_itself(tmp_path):
     running (with its pid as the job) from another folder, then finished."""
     longer = [*TINY, "--num_train_steps", "2500", "--eval_freq", "1250"]
     (tmp_path / "elsewhere").mkdir()
-    train = subprocess.Popen(
-        [sys.executable, "-m", "sacae.cli", "train", "--task", TASK, *longer, "--work_dir", "./runs/mine"],
-        cwd=tmp_path / "elsewhere", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     d = tmp_path / "elsewhere" / "runs" / "mine"
-    try:
-        wait_for(lambda: status_of(d).get("env_steps", 0) >= 1000, 120, "the run's first episode")
+    with background_cli(["train", "--task", TASK, *longer, "--work_dir", "./runs/mine"], d.parent.parent) as train:
+        first_episode(d)
         [row] = collect_status([d])
         assert (row.state, row.job) == ("running", str(train.pid)), row
-        _, err = train.communicate(timeout=120)
-    finally:
-        if train.poll() is None:
-            train.kill()
-    assert train.returncode == 0, err
+        out, _ = train.communicate(timeout=120)
+    assert train.returncode == 0, out
     [row] = collect_status([d])
     assert row.state == "finished"
 
