@@ -182,8 +182,8 @@ def run_status(run_dir: Path, jobs: dict[str, SlurmJob] | None) -> RunStatus:
         else:
             state = "running"
             detail = "starting" if not trainer_state else (f"restarts {job.restarts}" if job.restarts else "")
-    elif not slurm and local_process_alive(job_id or _trainer_pid(status), run_dir):
-        job_id = job_id or _trainer_pid(status)
+    elif not slurm and local_process_alive(local_pid := job_id or _trainer_pid(status), run_dir):
+        job_id = local_pid
         state = "running"
         detail = "starting" if not trainer_state else ""
     elif slurm and jobs is None and job_id:
