@@ -194,6 +194,23 @@ def test_machines_come_from_the_sessions_in_status_json(tmp_path):
     assert by_seed["seed_3"].machines == ["not recorded"]
 
 
+def test_runs_table_names_each_runs_precision(tmp_path):
+    """bf16 runs are told apart from fp32 ones; a config written before the setting existed counts as fp32."""
+    make_run(tmp_path, "cartpole_swingup", "sac_pixel", 1, {0: 1.0, 10_000: 2.0}, precision="bf16")
+    older = make_run(tmp_path, "cartpole_swingup", "sac_pixel", 2, {0: 1.0, 10_000: 2.0})
+    config = json.loads((older / "config.json").read_text())
+    del config["precision"]
+    (older / "config.json").write_text(json.dumps(config))
+    out = write_report(tmp_path, tmp_path / "report", bootstrap_reps=REPS)
+    markdown = (out / "report.md").read_text()
+    assert "| configuration | seed | precision | last eval (env steps) |" in markdown
+    assert "| sac_pixel | seed_1 | bf16 | 10k |" in markdown
+    assert "| sac_pixel | seed_2 | fp32 | 10k |" in markdown
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [(r["seed"], r["precision"]) for r in runs] == [("seed_1", "bf16"), ("seed_2", "fp32")]
+    assert "seed_2 differs from seed_1 in more than the seed: precision='fp32' (seed_1: 'bf16')." in markdown
+
+
 def test_notes_page_and_title_place_the_markdown_elsewhere(runs_root, tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("## What was checked\n\nThe schedule, against\n[ALGORITHM.md](ALGORITHM.md).\n\n"
@@ -315,7 +332,10 @@ def test_end_to_end_over_two_real_training_runs(tmp_path):
     assert "At 2k, sac_states seed_2 counts its evaluation at 1k env steps (its last; the run stops before 2k)." in (
         markdown
     )
-    assert "| sac_states | seed_1 | 2k | 2k | 3 |" in markdown and "| sac_states | seed_2 | 1k | 1k | 2 |" in markdown
+    assert (
+        "| sac_states | seed_1 | fp32 | 2k | 2k | 3 |" in markdown
+        and "| sac_states | seed_2 | fp32 | 1k | 1k | 2 |" in markdown
+    )
     first = load_runs(tmp_path / "runs" / "cartpole_swingup" / "sac_states")[0]
     assert list(first.train_curve("critic_loss")[0]) == [1000, 2000] and not first.resumed
     assert f"| 0 | {processor_name()} ({os.cpu_count()} cores), 1 thread, torch {torch.__version__} |" in markdown

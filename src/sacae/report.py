@@ -135,6 +135,13 @@ class Run:
         return seconds / 3600
 
     @property
+    def precision(self) -> str:
+        """The networks' precision (fp32, bf16): config.json's, or the default for configs written before the
+        setting existed."""
+        value = self.config.get("precision")
+        return value if isinstance(value, str) else TrainConfig.precision
+
+    @property
     def state(self) -> str | None:
         """status.json's state (running, finished, stopped, failed) when the run wrote one."""
         return str(self.status["state"]) if self.status and "state" in self.status else None
@@ -381,6 +388,7 @@ def _run_dict(run: Run) -> dict[str, Any]:
         "configuration": run.configuration,
         "method": run.method,
         "seed": run.seed,
+        "precision": run.precision,
         "last_eval_env_steps": run.last_eval_env_steps,
         "planned_env_steps": run.planned_env_steps,
         "evaluations": len(run.eval_curve()[0]),
@@ -515,15 +523,21 @@ def _setting_notes(name: str, seeds: list[Run]) -> list[str]:
     # Where and how a run is executed, saved or restarted: not what it computes.
     ignored = {"seed", "work_dir", "save_tb", "save_video", "save_model", "checkpoint_every",
                *EXECUTION_FIELDS, *RUN_CONTROL_FIELDS}  # fmt: skip
-    first = seeds[0]
+    first = _with_defaults(seeds[0].config)
     notes = []
     for run in seeds[1:]:
-        keys = sorted(k for k in set(first.config) | set(run.config) if k not in ignored
-                      and first.config.get(k) != run.config.get(k))  # fmt: skip
+        config = _with_defaults(run.config)
+        keys = sorted(k for k in set(first) | set(config) if k not in ignored and first.get(k) != config.get(k))
         if keys:
-            diffs = ", ".join(f"{k}={run.config.get(k)!r} ({first.seed}: {first.config.get(k)!r})" for k in keys)
-            notes.append(f"{name}: {run.seed} differs from {first.seed} in more than the seed: {diffs}.")
+            diffs = ", ".join(f"{k}={config.get(k)!r} ({seeds[0].seed}: {first.get(k)!r})" for k in keys)
+            notes.append(f"{name}: {run.seed} differs from {seeds[0].seed} in more than the seed: {diffs}.")
     return notes
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config with the settings it does not name (it was written before they existed) at their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **config}
 
 
 def _published_setting_notes(name: str, seeds: list[Run]) -> list[str]:
@@ -715,12 +729,12 @@ def _table_block(summary: Summary, task: str, env_steps: int) -> tuple[str, list
 
 
 def _runs_block(runs: Sequence[Run]) -> tuple[str, list[str], list[list[str]]]:
-    header = ["configuration", "seed", "last eval (env steps)", "planned", "evaluations", "hours", "state", "resumes",
-              "machine"]  # fmt: skip
+    header = ["configuration", "seed", "precision", "last eval (env steps)", "planned", "evaluations", "hours", "state",
+              "resumes", "machine"]  # fmt: skip
     rows = []
     for r in runs:
         last, planned = r.last_eval_env_steps, r.planned_env_steps
-        rows.append([r.configuration, r.seed, steps_label(last) if last is not None else "none",
+        rows.append([r.configuration, r.seed, r.precision, steps_label(last) if last is not None else "none",
                      steps_label(planned) if planned is not None else "?", str(len(r.eval_curve()[0])),
                      f"{r.wall_clock_hours:.2f}", r.state or "", _resumes_text(r), "; ".join(r.machines)])  # fmt: skip
     return ("table", header, rows)
