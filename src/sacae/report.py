@@ -138,8 +138,7 @@ class Run:
     def precision(self) -> str:
         """The networks' precision (fp32, bf16): config.json's, or the default for configs written before the
         setting existed."""
-        value = self.config.get("precision")
-        return value if isinstance(value, str) else TrainConfig.precision
+        return str(_with_defaults(self.config)["precision"])
 
     @property
     def state(self) -> str | None:
@@ -536,8 +535,7 @@ def _setting_notes(name: str, seeds: list[Run]) -> list[str]:
 
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config with the settings it does not name (it was written before they existed) at their defaults."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    return {**defaults, **config}
+    return {**dataclasses.asdict(TrainConfig()), **config}
 
 
 def _published_setting_notes(name: str, seeds: list[Run]) -> list[str]:
