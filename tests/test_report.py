@@ -214,7 +214,8 @@ def test_runs_table_names_each_runs_precision(tmp_path):
 def test_notes_page_and_title_place_the_markdown_elsewhere(runs_root, tmp_path):
     notes = tmp_path / "notes.md"
     notes.write_text("## What was checked\n\nThe schedule, against\n[ALGORITHM.md](ALGORITHM.md).\n\n"
-                     "- first point\n  continued here\n- second `point`\n")  # fmt: skip
+                     "- first point\n  continued here\n- second `point`\n\n"
+                     "| machine | `sac_ae` update |\n|---|---:|\n| A \\| B | 0.62 s |\n| C |\n")  # fmt: skip
     out, page = tmp_path / "results" / "figures", tmp_path / "results.md"
     argv = ["report", str(runs_root), "--out", str(out), "--bootstrap_reps", str(REPS), "--at", "100000",
             "--notes", str(notes), "--page", str(page), "--title", "Results & more"]  # fmt: skip
@@ -224,7 +225,9 @@ def test_notes_page_and_title_place_the_markdown_elsewhere(runs_root, tmp_path):
     assert markdown.startswith("# Results & more\n")
     assert f"--notes {notes} --page {page} --title 'Results & more'`" in markdown
     expected = ("## What was checked\n\nThe schedule, against [ALGORITHM.md](ALGORITHM.md).\n\n"
-                "- first point continued here\n- second `point`\n\n## cartpole_swingup")  # fmt: skip
+                "- first point continued here\n- second `point`\n\n"
+                "| machine | `sac_ae` update |\n|---|---|\n| A \\| B | 0.62 s |\n| C |  |\n\n"
+                "## cartpole_swingup")  # fmt: skip
     assert expected in markdown
     assert "![cartpole_swingup returns](results/figures/cartpole_swingup_returns.png)" in markdown
     assert (page.parent / "results/figures/cartpole_swingup_returns.png").is_file()
@@ -232,6 +235,7 @@ def test_notes_page_and_title_place_the_markdown_elsewhere(runs_root, tmp_path):
     assert "<title>Results &amp; more</title>" in html and "<h1>Results &amp; more</h1>" in html
     assert "<h2>What was checked</h2>" in html and '<a href="ALGORITHM.md">ALGORITHM.md</a>' in html
     assert "<li>second <code>point</code></li>" in html
+    assert "<th><code>sac_ae</code> update</th>" in html and "<tr><td>A | B</td><td>0.62 s</td></tr>" in html
 
 
 def test_a_missing_notes_file_is_one_sentence(capsys, runs_root, tmp_path):

@@ -781,12 +781,29 @@ def _method_text(summary: Summary) -> str:
     )
 
 
+def _table_row(line: str) -> list[str]:
+    """The cells of one Markdown table row; a backslash-escaped bar stays inside its cell."""
+    cells = re.split(r"(?<!\\)\|", line.strip().removeprefix("|").removesuffix("|"))
+    return [cell.strip().replace("\\|", "|") for cell in cells]
+
+
+def _notes_table(lines: list[str]) -> tuple[Any, ...]:
+    """A Markdown table (header row, a `|---|` rule, then rows) as a page block; rows are padded or cut to the
+    header's width. Without the rule, the lines stay a paragraph."""
+    rows = [_table_row(line) for line in lines]
+    if len(rows) < 2 or not all(re.fullmatch(r":?-+:?", cell) for cell in rows[1]):
+        return ("p", " ".join(lines))
+    width = len(rows[0])
+    return ("table", rows[0], [(row + [""] * width)[:width] for row in rows[2:]])
+
+
 def notes_blocks(text: str) -> list[tuple[Any, ...]]:
     """A notes file as page blocks: "## "/"### " headings, paragraphs (consecutive lines), "- " list items (with
-    indented continuation lines)."""
+    indented continuation lines) and tables (consecutive lines that start with "|", the second a `|---|` rule)."""
     blocks: list[tuple[Any, ...]] = []
     paragraph: list[str] = []
     items: list[str] = []
+    table: list[str] = []
 
     def flush() -> None:
         if paragraph:
@@ -795,6 +812,9 @@ def notes_blocks(text: str) -> list[tuple[Any, ...]]:
         if items:
             blocks.append(("ul", list(items)))
             items.clear()
+        if table:
+            blocks.append(_notes_table(table))
+            table.clear()
 
     for line in text.splitlines():
         stripped = line.strip()
@@ -803,14 +823,16 @@ def notes_blocks(text: str) -> list[tuple[Any, ...]]:
             flush()
             if heading:
                 blocks.append((f"h{min(max(len(heading[1]), 2), 3)}", heading[2]))
+        elif stripped.startswith("|") and (table or not (paragraph or items)):
+            table.append(stripped)
         elif stripped.startswith(("- ", "* ")):
-            if paragraph:
+            if paragraph or table:
                 flush()
             items.append(stripped[2:].strip())
         elif items and line[:1].isspace():
             items[-1] += " " + stripped
         else:
-            if items:
+            if items or table:
                 flush()
             paragraph.append(stripped)
     flush()
@@ -865,7 +887,7 @@ def render_markdown(blocks: Sequence[tuple[Any, ...]]) -> str:
             out.append(f"![{rest[1]}]({rest[0]})")
         elif kind == "table":
             header, rows = rest
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
@@ -890,8 +912,8 @@ def render_html(blocks: Sequence[tuple[Any, ...]], image_dir: Path) -> str:
             body.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(rest[1])}">')
         elif kind == "table":
             header, rows = rest
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+            head = "".join(f"<th>{_inline_html(h)}</th>" for h in header)
+            cells = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em}"
