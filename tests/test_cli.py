@@ -177,6 +177,18 @@ def test_eval_of_a_corrupt_snapshot(capsys, tmp_path):
     assert "1000.pt is not a readable sacae snapshot" in line
 
 
+def test_resume_takes_the_saved_config_and_only_the_execution_flags_given(tmp_path):
+    from sacae.config import TrainConfig
+    from sacae.trainer import load_resume_config
+
+    run = saved_run(tmp_path, seed=3, device="cpu", overlap="off")
+    given = TrainConfig(resume=str(run), seed=7, batch_size=4, num_threads=1, overlap="on")
+    cfg = load_resume_config(given)
+    assert (cfg.work_dir, cfg.seed, cfg.batch_size, cfg.num_train_steps) == (str(run), 3, 128, 10)
+    # Set on the command line: replaces the saved value; left at its default: the saved value stays.
+    assert (cfg.num_threads, cfg.overlap, cfg.device) == (1, "on", "cpu")
+
+
 def test_unknown_flag_is_a_usage_error(tmp_path):
     result = run_cli(["train", "--no_such_flag", "3"], cwd=tmp_path)
     assert result.returncode == 2

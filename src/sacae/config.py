@@ -100,6 +100,7 @@ class TrainConfig:
 
     # --- critic ---
     critic_lr: float = 1e-3
+    """Learning rate of the critic optimizer (Q heads and encoder)."""
     critic_beta: float = 0.9
     """Adam beta1 of the critic optimizer."""
     critic_tau: float = 0.01
@@ -107,17 +108,23 @@ class TrainConfig:
     critic_target_update_freq: int = 2
     """Update the target critic every this many updates."""
     discount: float = 0.99
+    """Discount factor of the critic target."""
 
     # --- actor and temperature ---
     actor_lr: float = 1e-3
+    """Learning rate of the actor optimizer."""
     actor_beta: float = 0.9
     """Adam beta1 of the actor optimizer."""
     actor_log_std_min: float = -10.0
+    """Lower bound of the policy's log standard deviation (tanh-rescaled into [min, max])."""
     actor_log_std_max: float = 2.0
+    """Upper bound of the policy's log standard deviation."""
     actor_update_freq: int = 2
     """Update the actor and temperature every this many updates."""
     init_temperature: float = 0.1
+    """Initial entropy temperature alpha."""
     alpha_lr: float = 1e-4
+    """Learning rate of the temperature (log alpha) optimizer."""
     alpha_beta: float = 0.5
     """Adam beta1 of the temperature optimizer."""
 
@@ -127,6 +134,7 @@ class TrainConfig:
     encoder_tau: float = 0.05
     """Polyak rate of the target encoder."""
     decoder_lr: float = 1e-3
+    """Learning rate of the decoder optimizer."""
     decoder_update_freq: int = 1
     """Run the autoencoder step every this many updates."""
     decoder_latent_lambda: float = 1e-6
@@ -136,6 +144,7 @@ class TrainConfig:
 
     # --- run ---
     seed: int = 1
+    """Seed of the environments, the networks' initialisation, the replay sampling and the exploration."""
     work_dir: str = "./save"
     """Folder for config.json, train.log, eval.log, tb/, video/ and model/."""
     save_tb: bool = False
@@ -164,7 +173,8 @@ class TrainConfig:
 
     # --- run control (not part of the run's configuration) ---
     resume: str | None = None
-    """Resume the run in this folder from its saved config.json alone (other flags are ignored)."""
+    """Resume the run in this folder from its saved config.json; other flags are ignored, except --device,
+    --num_threads, --overlap and --replay_device when set away from their defaults."""
     no_resume: bool = False
     """Start over in --work_dir even if it holds a checkpoint (a finished run also needs --force)."""
     force: bool = False

@@ -750,7 +750,9 @@ class Trainer:
 
 
 def load_resume_config(cfg: TrainConfig) -> TrainConfig:
-    """With --resume RUN_DIR: the run's saved configuration, in that folder (device and threads may change)."""
+    """With --resume RUN_DIR: the run's saved configuration, in that folder. Execution flags (device, threads,
+    overlap, replay device) set away from their defaults on this command line replace the saved ones: they change
+    where and how fast the run goes, not what it computes."""
     if cfg.resume is None:
         return cfg
     run_dir = Path(cfg.resume)
@@ -759,7 +761,9 @@ def load_resume_config(cfg: TrainConfig) -> TrainConfig:
     if not (run_dir / "config.json").exists():
         raise SacaeError(f"--resume {run_dir}: the folder has no config.json, so it is not a sacae run.")
     saved = TrainConfig.load(run_dir / "config.json")
-    return dataclasses.replace(saved, work_dir=os.fspath(run_dir))
+    defaults = TrainConfig()
+    given = {k: getattr(cfg, k) for k in EXECUTION_FIELDS if getattr(cfg, k) != getattr(defaults, k)}
+    return dataclasses.replace(saved, work_dir=os.fspath(run_dir), **given)
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any] | None:
