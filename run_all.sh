@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Schedule the whole testbed: run_cluster.sh for each of the ten dm_control tasks of sacae.testbed, with the
-# testbed's action repeat (the PlaNet one of its domain, what pixel runs use; the published state-based
-# results use 1: add --action_repeat 1 for sac_states). Extra flags go to every run and win over those:
+# Schedule the whole testbed: run_cluster.sh for each of the ten dm_control tasks of sacae.testbed. Each run takes
+# the action repeat of its configuration (pixel runs: the PlaNet value of the domain, which is the testbed's; state
+# runs: 1) unless ACTION_REPEAT is set in run_cluster.sh. Extra flags go to every run and win over those:
 #
 #   ./run_all.sh [sacae train flags]
 #
@@ -15,13 +15,13 @@ fi
 testbed=$("$PYTHON" -c '
 from sacae.envs import split_task_name
 from sacae.testbed import TESTBED
-for task, action_repeat in TESTBED:
-    print(*split_task_name(task), action_repeat)
+for task, _ in TESTBED:
+    print(*split_task_name(task))
 ') || { echo "$0: cannot read the testbed with $PYTHON (set PYTHON to the Python that has sacae)" >&2; exit 2; }
 
 failed=()
-while read -r domain task action_repeat; do
-  "$HERE/run_cluster.sh" "$domain" "$task" --action_repeat "$action_repeat" "$@" </dev/null || failed+=("${domain}_${task}")
+while read -r domain task; do
+  "$HERE/run_cluster.sh" "$domain" "$task" "$@" </dev/null || failed+=("${domain}_${task}")
 done <<< "$testbed"
 
 if [ ${#failed[@]} -gt 0 ]; then

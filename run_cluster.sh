@@ -14,6 +14,7 @@ set -euo pipefail
 ENCODER_TYPE=${ENCODER_TYPE:-pixel}            # pixel | identity  sac_ae:     pixel    pixel
 DECODER_TYPE=${DECODER_TYPE:-pixel}            # pixel | identity  sac_pixel:  pixel    identity
 #                                                                  sac_states: identity identity
+ACTION_REPEAT=${ACTION_REPEAT:-}               # empty: the PlaNet value of the domain for pixel runs, 1 for states
 NUM_TRAIN_STEPS=${NUM_TRAIN_STEPS:-1000000}    # agent steps (environment steps / action repeat)
 INIT_STEPS=${INIT_STEPS:-1000}                 # random-action seed phase, agent steps
 BATCH_SIZE=${BATCH_SIZE:-128}
@@ -24,6 +25,7 @@ OUTPUTS=${OUTPUTS---save_tb --save_video}      # add --save_model for network sn
 # ---- how many runs and where -------------------------------------------------------------------------------
 SEEDS=${SEEDS:-10}                             # seeds 1..SEEDS
 RUNS_DIR=${RUNS_DIR:-runs}
+DRY_RUN=${DRY_RUN:-}                           # 1: print the runs that would be scheduled, start nothing
 
 # ---- Slurm (empty: the cluster's default) --------------------------------------------------------------------
 EXECUTOR=${EXECUTOR:-auto}                     # auto (slurm when sbatch exists) | slurm | local
@@ -57,6 +59,9 @@ sweep=(--tasks "${DOMAIN}_${TASK}" --num_seeds "$SEEDS" --runs_dir "$RUNS_DIR" -
 [ -n "$CPUS" ] && sweep+=(--cpus_per_task "$CPUS")
 [ -n "$GPUS" ] && sweep+=(--gpus "$GPUS")
 [ -n "$ACCOUNT" ] && sweep+=(--account "$ACCOUNT")
+[ -n "$DRY_RUN" ] && sweep+=(--dry_run)
+train=()
+[ -n "$ACTION_REPEAT" ] && train+=(--action_repeat "$ACTION_REPEAT")
 # shellcheck disable=SC2206  # SBATCH_OPTIONS and OUTPUTS are word lists
 [ -n "$SBATCH_OPTIONS" ] && sweep+=(--sbatch_options $SBATCH_OPTIONS)
 
@@ -64,5 +69,5 @@ sweep=(--tasks "${DOMAIN}_${TASK}" --num_seeds "$SEEDS" --runs_dir "$RUNS_DIR" -
 exec "$SACAE" sweep "${sweep[@]}" -- \
   --encoder_type "$ENCODER_TYPE" --decoder_type "$DECODER_TYPE" \
   --num_train_steps "$NUM_TRAIN_STEPS" --init_steps "$INIT_STEPS" --batch_size "$BATCH_SIZE" \
-  --eval_freq "$EVAL_FREQ" --num_eval_episodes "$NUM_EVAL_EPISODES" $OUTPUTS \
+  --eval_freq "$EVAL_FREQ" --num_eval_episodes "$NUM_EVAL_EPISODES" $OUTPUTS "${train[@]}" \
   "$@"

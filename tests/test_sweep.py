@@ -75,10 +75,11 @@ def status_of(d: Path) -> dict:
 def finished_sweep(tmp_path_factory):
     """Two seeds run to the end by one local sweep, then the same sweep again."""
     runs = tmp_path_factory.mktemp("sweep") / "runs"
-    first = local_sweep(runs, "--num_seeds", "2")
+    outputs = [*TINY, "--save_tb", "--save_video"]
+    first = local_sweep(runs, "--num_seeds", "2", train=outputs)
     assert first.returncode == 0, first.stdout + first.stderr
     snapshot = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
-    second = local_sweep(runs, "--num_seeds", "2")
+    second = local_sweep(runs, "--num_seeds", "2", train=outputs)
     return runs, first, second, snapshot
 
 
@@ -97,6 +98,40 @@ def test_local_sweep_writes_the_layout(finished_sweep):
         assert status_of(d)["state"] == "finished"
         assert json.loads((d / "config.json").read_text())["seed"] == seed
         assert "| eval | S: 1000 |" in (d / "stdout").read_text()
+        assert list((d / "tb").glob("events.out.tfevents.*")), f"{d}/tb has no TensorBoard events"
+        assert (d / "video" / "1000.mp4").stat().st_size > 0  # the evaluation after 1000 env steps
+
+
+def dry_run(cwd: Path, script: str, *args: str, **variables: str) -> list[str]:
+    """A cluster script of the repository as a dry run on this machine: the sacae train commands it would start."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "SACAE": str(Path(sys.executable).parent / "sacae"),
+           "EXECUTOR": "local", "DRY_RUN": "1", **variables}  # fmt: skip
+    result = subprocess.run([str(root / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (cwd / "runs").exists()  # a dry run starts nothing and writes nothing
+    return [line.split("would start: ", 1)[1] for line in result.stdout.splitlines() if "would start: " in line]
+
+
+def test_run_all_schedules_ten_seeds_of_every_testbed_task(tmp_path):
+    from sacae.testbed import TESTBED
+
+    commands = dry_run(tmp_path, "run_all.sh")
+    tasks = [c.split("--task ", 1)[1].split()[0] for c in commands]
+    assert sorted(tasks) == sorted(task for task, _ in TESTBED for _ in range(10))
+    for task, _ in TESTBED:
+        for seed in range(1, 11):
+            ends = f"--seed {seed} --work_dir {tmp_path / 'runs' / task / 'sac_ae' / f'seed_{seed}'}"
+            assert sum(c.endswith(ends) for c in commands) == 1, ends
+    # The action repeat is each configuration's own default (pixel: the testbed's, states: 1), so run_cluster.sh's
+    # ACTION_REPEAT is the one place that changes it.
+    assert not any("--action_repeat" in c for c in commands)
+
+
+def test_run_cluster_variables_choose_the_configuration_and_action_repeat(tmp_path):
+    variables = dict(SEEDS="1", ENCODER_TYPE="identity", DECODER_TYPE="identity", ACTION_REPEAT="2")
+    [command] = dry_run(tmp_path, "run_cluster.sh", "walker", "walk", **variables)
+    assert " --action_repeat 2 " in command and command.endswith(f"{tmp_path}/runs/walker_walk/sac_states/seed_1")
 
 
 def test_second_sweep_starts_nothing(finished_sweep):
