@@ -353,3 +353,24 @@ def test_end_to_end_over_two_real_training_runs(tmp_path):
     ours = json.loads((again / "runs" / "cartpole_swingup" / "sac_states" / "seed_2" / "config.json").read_text())
     theirs = json.loads((tmp_path / "runs" / "cartpole_swingup" / "sac_states" / "seed_2" / "config.json").read_text())
     assert {k: v for k, v in ours.items() if k != "work_dir"} == {k: v for k, v in theirs.items() if k != "work_dir"}
+
+
+def test_runs_notebook_shows_the_reports_tables_notes_and_plots(runs_root, tmp_path):
+    """runs.ipynb, executed cell by cell in a real Jupyter kernel, on a copy of the runs in ./runs (its RUNS)."""
+    import shutil
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    shutil.copytree(runs_root, tmp_path / "runs")
+    notebook = nbformat.read(Path(__file__).parents[1] / "runs.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    shown = "\n".join(str(value) for o in outputs for value in o.get("data", {}).values())
+    assert "At 100k, sac_ae uses 2 of 3 seeds: seed_3 stops at 60k env steps." in shown  # the notes
+    assert "published SAC+AE" in shown and "seed_3" in shown  # the returns table, the runs table
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # returns and losses of the one task
+    assert (tmp_path / "runs" / "report" / "report.md").read_text().startswith("# Training report\n")
