@@ -117,6 +117,18 @@ def perturb(module, scale, seed):
 # Construction
 
 
+def test_run_defaults_follow_algorithm_md_and_the_release():
+    cfg = TrainConfig()
+    # ALGORITHM.md: networks, replay, schedule and evaluation.
+    assert (cfg.image_size, cfg.frame_stack, cfg.num_layers, cfg.num_filters) == (84, 3, 4, 32)
+    assert (cfg.encoder_feature_dim, cfg.hidden_dim, cfg.batch_size) == (50, 1024, 128)
+    assert (cfg.replay_buffer_capacity, cfg.init_steps, cfg.seed_updates) == (1_000_000, 1000, "burst")
+    assert (cfg.eval_freq, cfg.num_eval_episodes) == (10_000, 10)
+    assert (cfg.configuration, cfg.precision) == ("sac_ae", "fp32")
+    # The release's README: output goes to ./save unless --work_dir says otherwise.
+    assert cfg.work_dir == "./save"
+
+
 def test_temperature_target_entropy_and_optimizers_follow_algorithm_md():
     agent = make_agent("sac_ae")
     assert agent.alpha.item() == pytest.approx(INIT_ALPHA, rel=1e-6)
