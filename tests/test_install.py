@@ -16,8 +16,9 @@ def test_conda_env_installs_what_make_install_does():
     text = (ROOT / "conda_env.yml").read_text()
     assert re.search(r"^name: pytorch_sac_ae$", text, re.M)  # `source activate pytorch_sac_ae`, as in the release
     pins = re.findall(r"^\s+- (.+?)\s*$", text.split("- pip:", 1)[1], re.M)
-    make_pin = re.search(r"^TORCH_PIN := (\S+)$", (ROOT / "Makefile").read_text(), re.M)[1]
-    make_extras = re.search(r"-e '(\.\[\w+\])'", (ROOT / "Makefile").read_text())[1]
+    makefile = (ROOT / "Makefile").read_text()
+    make_pin = re.search(r"^TORCH_PIN := (\S+)$", makefile, re.M)[1]
+    make_extras = re.search(r"-e '(\.\[\w+\])'", makefile)[1]
     assert pins == [make_pin, f"-e {make_extras}"]
     python = re.search(r"^\s+- python=(\d+)\.(\d+)$", text, re.M)
     if tomllib is not None:
