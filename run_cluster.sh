@@ -60,6 +60,7 @@ sweep=(--tasks "${DOMAIN}_${TASK}" --num_seeds "$SEEDS" --runs_dir "$RUNS_DIR" -
 [ -n "$GPUS" ] && sweep+=(--gpus "$GPUS")
 [ -n "$ACCOUNT" ] && sweep+=(--account "$ACCOUNT")
 [ -n "$DRY_RUN" ] && sweep+=(--dry_run)
+# ${train[@]+...} below: an empty array under set -u is an error on bash < 4.4 (macOS).
 train=()
 [ -n "$ACTION_REPEAT" ] && train+=(--action_repeat "$ACTION_REPEAT")
 # shellcheck disable=SC2206  # SBATCH_OPTIONS and OUTPUTS are word lists
@@ -69,5 +70,5 @@ train=()
 exec "$SACAE" sweep "${sweep[@]}" -- \
   --encoder_type "$ENCODER_TYPE" --decoder_type "$DECODER_TYPE" \
   --num_train_steps "$NUM_TRAIN_STEPS" --init_steps "$INIT_STEPS" --batch_size "$BATCH_SIZE" \
-  --eval_freq "$EVAL_FREQ" --num_eval_episodes "$NUM_EVAL_EPISODES" $OUTPUTS "${train[@]}" \
+  --eval_freq "$EVAL_FREQ" --num_eval_episodes "$NUM_EVAL_EPISODES" $OUTPUTS ${train[@]+"${train[@]}"} \
   "$@"
