@@ -23,6 +23,11 @@ TRAIN_COLUMNS = (
 EVAL_COLUMNS = (("S", "env_steps", "d"), ("ER", "episode_reward", ".4f"))
 
 
+def count(n: int, noun: str) -> str:
+    """`n` and a regular English noun, plural unless n is 1: "1 run", "2 threads"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _cell(label: str, value: Any, fmt: str) -> str:
     # Losses do not exist before the first update: print them as 0, as the seed's first line shows.
     value = 0 if value is None else value

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import tyro
 
 from sacae.errors import SacaeError
-from sacae.logger import read_jsonl
+from sacae.logger import count, read_jsonl
 from sacae.sweep import SCRIPT_PREFIX, SlurmJob, local_process_alive, read_id, read_status, sacct_state, slurm_jobs
 
 # Files whose presence makes a folder a run folder (its subfolders are then not searched).
@@ -312,7 +312,7 @@ def format_table(rows: list[RunStatus], detail_width: int = 100) -> str:
     counts = Counter(r.state for r in rows)
     order = ("running", "queued", "requeued", "suspended", "stopped", "new", "failed", "finished")
     summary = ", ".join(f"{counts[s]} {s}" for s in order if counts[s])
-    lines.append(f"{len(rows)} run{'s' if len(rows) != 1 else ''}: {summary}" if rows else "no runs")
+    lines.append(f"{count(len(rows), 'run')}: {summary}" if rows else "no runs")
     return "\n".join(lines)
 
 

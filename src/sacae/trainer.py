@@ -35,7 +35,7 @@ from sacae.checkpoint import CheckpointStore, numpy_legacy_state, numpy_legacy_t
 from sacae.config import EXECUTION_FIELDS, TrainConfig, resolve
 from sacae.envs import DMCEnv, make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
-from sacae.logger import Logger
+from sacae.logger import Logger, count
 from sacae.process import configure_process, describe_session
 from sacae.replay import ReplayBuffer
 from sacae.storage import check_writable, load_torch, save_torch_atomic, write_text_atomic
@@ -419,7 +419,7 @@ class Trainer:
         return (
             f"sacae: {cfg.configuration} on {cfg.env_name} (action repeat {cfg.action_repeat}), "
             f"{cfg.num_train_steps:,} agent steps = {cfg.num_train_steps * cfg.action_repeat:,} env steps, "
-            f"device {self.device}, {cfg.precision}, {threads} thread{'' if threads == 1 else 's'}, overlap "
+            f"device {self.device}, {cfg.precision}, {count(threads, 'thread')}, overlap "
             f"{'on' if self.overlap else 'off'}; replay {len_fmt(per)} per transition, "
             f"{self.replay_bytes / 1e9:.2f} GB for {self.replay.capacity:,}, {self.replay_placement.describe()}; "
             f"output in {self.work_dir}"
