@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sacae.cli import main
-from sacae.config import TrainConfig
+from sacae.config import EXECUTION_FIELDS, TrainConfig
 from sacae.errors import SacaeError
 from sacae.logger import Logger
 from sacae.process import processor_name
@@ -75,7 +75,8 @@ def runs_root(tmp_path_factory) -> Path:
     """cartpole_swingup: sac_ae with 3 seeds (seed_3 stops at 60k), sac_states with 4 full seeds."""
     root = tmp_path_factory.mktemp("runs")
     make_run(root, "cartpole_swingup", "sac_ae", 1, ramp(500_000, 300, 700))
-    make_run(root, "cartpole_swingup", "sac_ae", 2, ramp(500_000, 330, 760))
+    # Resumed on other hardware: execution flags do not make it another experiment or another command.
+    make_run(root, "cartpole_swingup", "sac_ae", 2, ramp(500_000, 330, 760), num_threads=2, device="cpu")
     make_run(root, "cartpole_swingup", "sac_ae", 3, ramp(60_000, 360, 800))
     for seed, (a, b) in enumerate([(100, 500), (200, 600), (300, 700), (1000, 900)], start=1):
         make_run(root, "cartpole_swingup", "sac_states", seed, ramp(500_000, a, b, every=10_000), eval_freq=10_000,
@@ -352,7 +353,9 @@ def test_end_to_end_over_two_real_training_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     ours = json.loads((again / "runs" / "cartpole_swingup" / "sac_states" / "seed_2" / "config.json").read_text())
     theirs = json.loads((tmp_path / "runs" / "cartpole_swingup" / "sac_states" / "seed_2" / "config.json").read_text())
-    assert {k: v for k, v in ours.items() if k != "work_dir"} == {k: v for k, v in theirs.items() if k != "work_dir"}
+    # Everything but the folder and how it executed (--num_threads 1, left out of the page's command) is the same.
+    same = set(ours) - {"work_dir", *EXECUTION_FIELDS}
+    assert {k: ours[k] for k in same} == {k: theirs[k] for k in same} and theirs["num_threads"] == 1
 
 
 def test_runs_notebook_shows_the_reports_tables_notes_and_plots(runs_root, tmp_path):

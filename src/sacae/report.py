@@ -734,10 +734,16 @@ def _runs_block(runs: Sequence[Run]) -> tuple[str, list[str], list[list[str]]]:
     return ("table", header, rows)
 
 
+# Flags a reproduction command leaves out: the seed and folder are written per seed; see run_command.
+_NOT_IN_COMMAND = ("seed", "work_dir", *EXECUTION_FIELDS)
+
+
 def run_command(run: Run) -> str:
     """The `sacae train` command that reproduces the run into the folder layout of `sacae sweep` and this report:
-    runs/<task>/<configuration>/seed_<i>."""
-    words = train_command(run.config, leave_out=("seed", "work_dir"))
+    runs/<task>/<configuration>/seed_<i>. Execution flags (device, threads, overlap, replay placement) are left out:
+    they do not change what the run computes, a resume may change them, and the Runs table says how each session
+    ran."""
+    words = train_command(run.config, leave_out=_NOT_IN_COMMAND)
     if "seed" in run.config:
         words += ["--seed", str(run.config["seed"])]
     return shlex.join([*words, "--work_dir", f"runs/{run.task}/{run.configuration}/{run.seed}"])
@@ -747,7 +753,7 @@ def _commands_block(configurations: dict[str, list[Run]]) -> tuple[str, list[str
     """One line per configuration whose seeds differ only in the seed (else one per seed)."""
     items = []
     for name, seeds in configurations.items():
-        shared = {shlex.join(train_command(r.config, leave_out=("seed", "work_dir"))) for r in seeds}
+        shared = {shlex.join(train_command(r.config, leave_out=_NOT_IN_COMMAND)) for r in seeds}
         numbers = [str(r.config.get("seed", "?")) for r in seeds]
         if len(shared) == 1 and len(seeds) > 1:
             items.append(f"{name}, seeds {', '.join(numbers)}: `{shared.pop()} --seed S "
