@@ -16,8 +16,9 @@ import tyro
 
 from sacae.config import TrainConfig
 from sacae.errors import SacaeError
+from sacae.placement import GPU_MEMORY_RESERVE_BYTES, MEMORY_RESERVE_BYTES, place_replay
 from sacae.replay import ReplayBuffer
-from sacae.trainer import GPU_MEMORY_RESERVE_BYTES, MEMORY_RESERVE_BYTES, Trainer, place_replay
+from sacae.trainer import Trainer
 from tests.test_resume import TINY, assert_same_run, train
 
 GB = 10**9

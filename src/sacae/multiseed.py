@@ -35,18 +35,15 @@ from sacae.envs import make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger
 from sacae.networks import MEMORY_FORMAT, tanh_gaussian
+from sacae.placement import MEMORY_RESERVE_BYTES, available_memory_bytes, replay_transitions
 from sacae.process import configure_process, describe_session
 from sacae.replay import Batch, ReplayBuffer
+from sacae.rundir import RUN_OUTPUTS, read_status
 from sacae.storage import check_writable, save_torch_atomic, write_text_atomic
 from sacae.trainer import (
-    MEMORY_RESERVE_BYTES,
-    RUN_OUTPUTS,
     STOP_SIGNALS,
-    available_memory_bytes,
     eval_seed,
     new_replay,
-    read_status,
-    replay_transitions,
     seed_everything,
     select_device,
 )

@@ -31,6 +31,7 @@ import tyro
 from sacae.config import EXECUTION_FIELDS, RUN_CONTROL_FIELDS, TrainConfig, train_command
 from sacae.errors import SacaeError
 from sacae.logger import count, read_jsonl
+from sacae.rundir import read_status
 from sacae.storage import write_text_atomic
 from sacae.testbed import PublishedReturn, published_returns
 
@@ -240,14 +241,6 @@ def _method(config: dict[str, Any]) -> str:
         return str(config.get("configuration", "unknown"))
 
 
-def _read_status(path: Path) -> dict[str, Any] | None:
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return status if isinstance(status, dict) else None
-
-
 def load_run(run_dir: str | Path) -> Run:
     """The run in `run_dir` (a folder holding config.json, and train.log / eval.log once it has logged)."""
     run_dir = Path(run_dir)
@@ -263,7 +256,7 @@ def load_run(run_dir: str | Path) -> Run:
         config=config,
         eval_rows=_read_log(run_dir / "eval.log"),
         train_rows=_read_log(run_dir / "train.log"),
-        status=_read_status(run_dir / "status.json"),
+        status=read_status(run_dir),
     )
 
 

@@ -21,7 +21,8 @@ import tyro
 
 from sacae.errors import SacaeError
 from sacae.logger import count, read_jsonl
-from sacae.sweep import SCRIPT_PREFIX, SlurmJob, local_process_alive, read_id, read_status, sacct_state, slurm_jobs
+from sacae.rundir import read_status
+from sacae.sweep import SCRIPT_PREFIX, SlurmJob, local_process_alive, read_id, sacct_state, slurm_jobs
 
 # Files whose presence makes a folder a run folder (its subfolders are then not searched).
 RUN_MARKERS = ("run.sh", "status.json", "config.json", "train.log", "id")

@@ -10,7 +10,6 @@ again with the same command, which resumes them from their checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shlex
@@ -29,6 +28,7 @@ import tyro
 
 from sacae.config import TrainConfig, resolve
 from sacae.errors import SacaeError
+from sacae.rundir import read_status
 
 # Training flags a sweep sets itself for each run (or that would defeat resuming), in their underscore spelling.
 SWEEP_FLAGS = ("task", "domain_name", "task_name", "seed", "work_dir", "resume", "no_resume", "force")
@@ -212,15 +212,6 @@ def read_id(run_dir: Path) -> str | None:
         return (run_dir / "id").read_text().strip() or None
     except OSError:
         return None
-
-
-def read_status(run_dir: Path) -> dict[str, Any] | None:
-    """The trainer's status.json (None when the run never started or the file cannot be read)."""
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) else None
 
 
 def local_process_alive(pid_text: str | None, run_dir: Path) -> bool:
@@ -428,7 +419,7 @@ def submit_slurm(run_dir: Path) -> str:
 
 def local_max_parallel(cfg: TrainConfig) -> int:
     """Runs at once on this machine: one core each (or --num_threads), within the memory available now."""
-    from sacae.trainer import available_memory_bytes
+    from sacae.placement import available_memory_bytes
 
     cores = len(os.sched_getaffinity(0))
     by_cores = cores // (cfg.num_threads or 1)
