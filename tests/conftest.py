@@ -10,6 +10,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Unexpected errors show their traceback in every command the tests run (see sacae.cli.run_guarded): a bug never
+# hides behind the one sentence a user gets.
+os.environ["SACAE_DEBUG"] = "1"
+
 # Small networks: the code paths of the defaults at a fraction of the cost.
 SMALL = [
     "--hidden_dim", "64", "--num_filters", "8", "--batch_size", "16", "--encoder_feature_dim", "16",

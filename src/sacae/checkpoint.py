@@ -182,6 +182,17 @@ class CheckpointStore:
             f"No checkpoint in {self.dir} can be read ({'; '.join(problems)}); start over with --no_resume."
         )
 
+    def newest_says_finished(self) -> bool | None:
+        """Whether the newest readable checkpoint is of a finished run (None when no checkpoint can be read): the
+        record a guard trusts over status.json, which a user may have deleted or edited."""
+        for path in self.states():
+            try:
+                state = self._read_state(path)
+            except SacaeError:
+                continue
+            return bool(state.get("finished"))
+        return None
+
     @staticmethod
     def _read_state(path: Path) -> dict[str, Any]:
         state = load_torch(path, map_location="cpu")

@@ -4,6 +4,7 @@ can import."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,8 +75,18 @@ def evaluate(args: EvalArgs) -> None:
     print(json.dumps(result))
 
 
-def run_guarded(fn: Callable[[], None]) -> int:
-    """Run `fn`, turning a SacaeError into one sentence on stderr and exit status 2."""
+DEBUG_VARIABLE = "SACAE_DEBUG"
+"""Set to 1 (or pass --debug) to see the full traceback of an unexpected error instead of its one sentence."""
+UNEXPECTED_EXIT_CODE = 1
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "0") not in ("", "0")
+
+
+def run_guarded(fn: Callable[[], None], command: str = "sacae") -> int:
+    """Run `fn`, turning a SacaeError into one sentence on stderr and exit status 2, and any other exception into
+    one sentence that names it and says how to see its traceback (exit status 1)."""
     try:
         fn()
     except SacaeError as e:
@@ -87,6 +98,13 @@ def run_guarded(fn: Callable[[], None]) -> int:
     except KeyboardInterrupt:
         print("sacae: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debugging():
+            raise
+        what = f"{type(e).__name__}: {e}".strip().rstrip(":").splitlines()[0]
+        print(f"sacae: error: {command} failed unexpectedly ({what}); run it again with --debug (or "
+              f"{DEBUG_VARIABLE}=1) for the full traceback.", file=sys.stderr)  # fmt: skip
+        return UNEXPECTED_EXIT_CODE
     return 0
 
 
@@ -95,13 +113,17 @@ def run_sweep(args: SweepArgs) -> int:
     from sacae.sweep import sweep
 
     outcome: dict[str, str] = {}
-    code = run_guarded(lambda: outcome.update(sweep(args)))
+    code = run_guarded(lambda: outcome.update(sweep(args)), "sacae sweep")
     if code == 0 and any(v.startswith("exited") for v in outcome.values()):
         return 1
     return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # accepted anywhere on the line, for every command
+        argv.remove("--debug")
+        os.environ[DEBUG_VARIABLE] = "1"
     args = tyro.extras.subcommand_cli_from_dict(
         {
             "train": TrainConfig,
@@ -113,29 +135,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             "report": ReportArgs,
         },
         prog="sacae",
-        description="SAC+AE for the DeepMind Control Suite.",
+        description="SAC+AE for the DeepMind Control Suite. Add --debug to any command to see the full traceback "
+        "of an unexpected error.",
         args=argv,
         use_underscores=True,
     )
     if isinstance(args, TrainSeedsArgs):
-        return run_guarded(lambda: train_seeds(args))
+        return run_guarded(lambda: train_seeds(args), "sacae train-seeds")
     if isinstance(args, TrainConfig):
-        return run_guarded(lambda: train(args))
+        return run_guarded(lambda: train(args), "sacae train")
     if isinstance(args, SweepArgs):
         return run_sweep(args)
     if isinstance(args, StatusArgs):
         from sacae.status import show_status
 
-        return run_guarded(lambda: show_status(args))
+        return run_guarded(lambda: show_status(args), "sacae status")
     if isinstance(args, ReportArgs):
         from sacae.report import report
 
-        return run_guarded(lambda: report(args))
+        return run_guarded(lambda: report(args), "sacae report")
     if isinstance(args, BenchArgs):
         from sacae.bench import bench
 
-        return run_guarded(lambda: bench(args))
-    return run_guarded(lambda: evaluate(args))
+        return run_guarded(lambda: bench(args), "sacae bench")
+    return run_guarded(lambda: evaluate(args), "sacae eval")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 
-from sacae.storage import atomic_path
+from sacae.storage import atomic_path, write_failure
 
 
 class VideoRecorder:
@@ -32,25 +34,41 @@ class VideoRecorder:
     def save(self, name: str) -> Path | None:
         if not self.enabled or not self.frames:
             return None
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{name}.mp4"
-        with atomic_path(path) as tmp:
-            writer = imageio.get_writer(
-                tmp,
-                format="FFMPEG",
-                mode="I",
-                fps=self.fps,
-                codec="libx264",
-                pixelformat="yuv420p",
-                macro_block_size=16,
-                ffmpeg_log_level="error",
-                output_params=["-f", "mp4"],
-            )
-            for frame in self.frames:
-                writer.append_data(frame)
-            writer.close()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                writer = imageio.get_writer(
+                    tmp,
+                    format="FFMPEG",
+                    mode="I",
+                    fps=self.fps,
+                    codec="libx264",
+                    pixelformat="yuv420p",
+                    macro_block_size=16,
+                    ffmpeg_log_level="error",
+                    output_params=["-f", "mp4"],
+                )
+                try:
+                    for frame in self.frames:
+                        writer.append_data(frame)
+                finally:
+                    writer.close()
+        except Exception as e:
+            raise write_failure(_as_os_error(e, self.folder), path, "an evaluation video") from None
         self.frames = []
         return path
+
+
+def _as_os_error(error: Exception, folder: Path) -> OSError:
+    """ffmpeg's failures reach us as a broken pipe or a plain message: call it a full disk when the disk is."""
+    if isinstance(error, OSError) and error.errno is not None and error.errno != errno.EPIPE:
+        return error
+    try:
+        full = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free < 1024**2
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC) if full else str(error))
 
 
 def video_codec(path: str | Path) -> str:
