@@ -30,8 +30,8 @@ import tyro
 
 from sacae.config import EXECUTION_FIELDS, RUN_CONTROL_FIELDS, TrainConfig, train_command
 from sacae.errors import SacaeError
-from sacae.logger import count, read_jsonl
-from sacae.rundir import read_status
+from sacae.logger import count
+from sacae.rundir import check_config, check_status, read_config, read_log
 from sacae.storage import write_text_atomic
 from sacae.testbed import PublishedReturn, published_returns
 
@@ -63,8 +63,8 @@ class ReportArgs:
     bootstrap_reps: int = DEFAULT_REPS
     """Bootstrap resamples for the confidence intervals."""
     notes: str | None = None
-    """A Markdown file (## and ### headings, paragraphs, "- " lists) placed under the page's introduction: what the
-    logs cannot say, e.g. what was checked where a result differs from the published one."""
+    """A Markdown file (## and ### headings, paragraphs, "- " lists, tables) placed after the page's overview, plots
+    and method: what the logs cannot say, e.g. what was checked where a result differs from the published one."""
     page: str | None = None
     """Write the Markdown page to this file instead of OUT/report.md (its plot links lead into OUT)."""
     title: str = DEFAULT_TITLE
@@ -212,25 +212,12 @@ def _is_number(row: dict[str, Any], key: str) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
-def _read_log(path: Path) -> tuple[dict[str, Any], ...]:
-    try:
-        rows = read_jsonl(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SacaeError(f"The log {path} has a line that is not JSON ({e}).") from None
-    return tuple(r for r in rows if isinstance(r, dict) and isinstance(r.get("env_steps"), int))
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SacaeError(f"The config file {path} cannot be read as JSON ({e}).") from None
-    if not isinstance(config, dict):
-        raise SacaeError(f"The config file {path} does not hold a JSON object.")
-    lacking = [k for k in ("domain_name", "task_name") if not isinstance(config.get(k), str)]
-    if lacking:
-        raise SacaeError(f"The config file {path} lacks {' and '.join(lacking)}.")
-    return config
+def _read_log(run_dir: Path, name: str) -> tuple[tuple[dict[str, Any], ...], str | None]:
+    """The rows of one of a run's logs that have env steps, and what is wrong with the lines left out (None when
+    nothing is)."""
+    rows, problem = read_log(run_dir, name)
+    said = None if problem is None else f"{name} {problem}"
+    return tuple(r for r in rows if isinstance(r.get("env_steps"), int)), said
 
 
 def _method(config: dict[str, Any]) -> str:
@@ -241,37 +228,110 @@ def _method(config: dict[str, Any]) -> str:
         return str(config.get("configuration", "unknown"))
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """The run in `run_dir` (a folder holding config.json, and train.log / eval.log once it has logged)."""
-    run_dir = Path(run_dir)
-    config = _read_config(run_dir / "config.json")
+@dataclass(frozen=True)
+class Damage:
+    """A run folder with files that cannot be read: what is wrong with them, and whether the run is left out (its
+    config.json cannot be read) or shown without what cannot be read."""
+
+    path: Path
+    problems: tuple[str, ...]
+    """Each damaged file and what is wrong with it, e.g. 'eval.log line 3 is not JSON'."""
+    left_out: bool
+
+    def name(self, root: Path) -> str:
+        """The run's folder under `root`."""
+        return self.path.relative_to(root).as_posix() if self.path != root else self.path.name
+
+    def sentence(self, root: Path) -> str:
+        """What the page says about the run."""
+        done = "the run is left out" if self.left_out else "what cannot be read is left out of the report"
+        return f"`{self.name(root)}`: {'; '.join(self.problems)}; {done}."
+
+
+def damage_blocks(damage: Sequence[Damage], root: str | Path) -> list[tuple[Any, ...]]:
+    """The page's section on damaged runs (nothing when there are none)."""
+    if not damage:
+        return []
+    return [("h2", "Runs with damaged files"), ("ul", [d.sentence(Path(root)) for d in damage])]
+
+
+def _load_run(run_dir: Path, config: dict[str, Any]) -> tuple[Run, list[str]]:
     method = _method(config)
     is_seed_dir = run_dir.name.startswith("seed_")
-    return Run(
+    eval_rows, eval_problem = _read_log(run_dir, "eval.log")
+    train_rows, train_problem = _read_log(run_dir, "train.log")
+    status, status_problem = check_status(run_dir)
+    run = Run(
         path=run_dir,
         task=f"{config['domain_name']}_{config['task_name']}",
         configuration=run_dir.parent.name if is_seed_dir else method,
         method=method,
         seed=run_dir.name if is_seed_dir else f"seed_{config.get('seed', '?')}",
         config=config,
-        eval_rows=_read_log(run_dir / "eval.log"),
-        train_rows=_read_log(run_dir / "train.log"),
-        status=read_status(run_dir),
+        eval_rows=eval_rows,
+        train_rows=train_rows,
+        status=status,
     )
+    status_problem = None if status_problem is None else f"status.json {status_problem}"
+    return run, [p for p in (eval_problem, train_problem, status_problem) if p is not None]
 
 
-def load_runs(path: str | Path) -> list[Run]:
-    """Every run under `path` (runs/, runs/<task>, runs/<task>/<configuration> or one run folder), sorted by task,
-    configuration and seed. Raises SacaeError if the folder is missing or holds no run."""
+def load_run(run_dir: str | Path) -> Run:
+    """The run in `run_dir` (a folder holding config.json, and train.log / eval.log once it has logged). Log lines
+    and status.json fields that cannot be read are left out, each with a warning; SacaeError when config.json cannot
+    be read."""
+    run, problems = _load_run(Path(run_dir), read_config(run_dir))
+    for problem in problems:
+        warnings.warn(f"{run_dir}: {problem}; left out.", stacklevel=2)
+    return run
+
+
+def load_runs_and_damage(path: str | Path) -> tuple[list[Run], list[Damage]]:
+    """Every run under `path` that can be read, sorted by task, configuration and seed (see load_runs), and every
+    run folder with damaged files. Raises SacaeError if the folder is missing or holds no readable run."""
     root = Path(path)
     if not root.exists():
         raise SacaeError(f"There is no folder at {root}.")
     if not root.is_dir():
         raise SacaeError(f"{root} is a file, not a folder of runs.")
-    runs = [load_run(p.parent) for p in sorted(root.rglob("config.json"))]
+    folders = sorted({p.parent for p in root.rglob("config.json")})
+    runs, damage = [], []
+    for folder in folders:
+        config, problem = check_config(folder)
+        if config is None:
+            damage.append(Damage(folder, (f"config.json {problem or 'cannot be read'}",), left_out=True))
+            continue
+        run, problems = _load_run(folder, config)
+        runs.append(run)
+        if problems:
+            damage.append(Damage(folder, tuple(problems), left_out=False))
+    # A folder with logs but no config.json lost it: its task and settings are unknown.
+    orphans = sorted({p.parent for p in root.rglob("*.log") if p.name in ("train.log", "eval.log")} - set(folders))
+    for folder in orphans:
+        logs = " and ".join(name for name in ("train.log", "eval.log") if (folder / name).exists())
+        damage.append(Damage(folder, (f"it holds {logs} but no config.json",), left_out=True))
+    unreadable = [d for d in damage if d.left_out and d.path in folders]
+    if not runs and len(unreadable) == 1:
+        read_config(unreadable[0].path)  # raises the sentence naming the file
+    if not runs and unreadable:
+        shown = "; ".join(f"{d.name(root)}: {d.problems[0]}" for d in unreadable[:3])
+        more = f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        raise SacaeError(f"None of the {len(unreadable)} runs under {root} can be read ({shown}{more}).")
     if not runs:
         raise SacaeError(f"There are no runs under {root}: no folder below it holds a config.json.")
-    return sorted(runs, key=lambda r: (r.task, _configuration_key(r.configuration), _seed_key(r.seed)))
+    runs.sort(key=lambda r: (r.task, _configuration_key(r.configuration), _seed_key(r.seed)))
+    return runs, sorted(damage, key=lambda d: d.path)
+
+
+def load_runs(path: str | Path) -> list[Run]:
+    """Every run under `path` (runs/, runs/<task>, runs/<task>/<configuration> or one run folder), sorted by task,
+    configuration and seed. A run whose config.json cannot be read is left out, and lines of logs or fields of
+    status.json that cannot be read, each with a warning. Raises SacaeError if the folder is missing or holds no
+    readable run."""
+    runs, damage = load_runs_and_damage(path)
+    for d in damage:
+        warnings.warn(d.sentence(Path(path)).replace("`", ""), stacklevel=2)
+    return runs
 
 
 def _configuration_key(name: str) -> tuple[int, str]:
@@ -612,7 +672,7 @@ def plot_returns(runs: Sequence[Run], task: str, reps: int = DEFAULT_REPS, publi
             ax.plot(steps, values, color=colors[name], alpha=0.25, linewidth=0.8)
         if curves:
             grid, mean, low, high = mean_curve(curves, reps)
-            ax.plot(grid, mean, color=colors[name], linewidth=2, label=f"{name} ({len(curves)} seeds)")
+            ax.plot(grid, mean, color=colors[name], linewidth=2, label=f"{name} ({count(len(curves), 'seed')})")
             ax.fill_between(grid, low, high, color=colors[name], alpha=0.2, linewidth=0)
         if published:
             _plot_published(ax, task, seeds[0].method, colors[name], reach)
@@ -715,6 +775,112 @@ def _table_block(summary: Summary, task: str, env_steps: int) -> tuple[str, list
     return ("table", header, rows)
 
 
+# The overview's method groups, in the order of the published tables; a configuration of another method gets a
+# group of its own after them.
+OVERVIEW_GROUPS = ("sac_ae", "sac_pixel", "sac_state")
+SOURCE_SHORT = {"curl": "CURL", "drq": "DrQ"}
+SOURCE_CITATION = {"curl": "Srinivas et al. 2020, Table 1", "drq": "Kostrikov et al. 2021, Table 1"}
+NO_VALUE = "—"
+
+
+@dataclass(frozen=True)
+class OverviewColumn:
+    """One column of the overview table: one of our configurations, or the published numbers of a method, at one
+    env step."""
+
+    env_steps: int
+    group: str
+    """The published method name the column belongs to (sac_ae, sac_pixel, sac_state) or our own method."""
+    configuration: str | None = None
+    """Ours; None for the column of published numbers."""
+
+    @property
+    def label(self) -> str:
+        return self.configuration or "published"
+
+    @property
+    def group_title(self) -> str:
+        return METHOD_TITLE.get(self.group, self.group)
+
+
+def overview_columns(summary: Summary) -> list[OverviewColumn]:
+    """The overview's columns: per env step, per method, our configurations that have a value there on some task,
+    then the method's published numbers if some task of the page has one there."""
+    methods = {c.configuration: c.method for c in summary.cells}
+    groups = [*OVERVIEW_GROUPS, *sorted({PUBLISHED_METHOD.get(m, m) for m in methods.values()} - set(OVERVIEW_GROUPS))]
+    columns = []
+    for env_steps, group in itertools.product(summary.at, groups):
+        for name in sorted(methods, key=_configuration_key):
+            reached = any(c.values for c in summary.cells if c.configuration == name and c.env_steps == env_steps)
+            if PUBLISHED_METHOD.get(methods[name], methods[name]) == group and reached:
+                columns.append(OverviewColumn(env_steps, group, configuration=name))
+        if any(p.method == group and p.env_steps == env_steps for p in summary.published):
+            columns.append(OverviewColumn(env_steps, group))
+    return columns
+
+
+def _decimals(value: float) -> int:
+    """Places after the point: none from 100 up (as the published tables), else enough to tell small returns apart."""
+    return 0 if abs(value) >= 100 else 1 if abs(value) >= 1 else 3
+
+
+def _overview_ours(cell: Cell | None) -> str:
+    if cell is None:
+        return NO_VALUE
+    seeds = f"{cell.n} of {count(len(cell.seeds), 'seed')}" if cell.n < len(cell.seeds) else count(cell.n, "seed")
+    if cell.mean is None:
+        return f"{NO_VALUE} ({seeds})"
+    places = _decimals(cell.mean)
+    spread = f" ± {cell.std:.{places}f}" if cell.std is not None else ""
+    return f"{cell.mean:.{places}f}{spread} ({seeds})"
+
+
+def _source_key(source: str) -> tuple[bool, str]:
+    return (source not in SOURCE_SHORT, source)
+
+
+def _overview_published(found: Sequence[PublishedReturn]) -> str:
+    """Each source's mean ± std, "; " between sources, e.g. "311 ± 11 (CURL); 276 ± 38 (DrQ)"."""
+    ordered = sorted(found, key=lambda p: _source_key(p.source))
+    return "; ".join(f"{p.mean:g} ± {p.std:g} ({SOURCE_SHORT.get(p.source, p.source)})" for p in ordered) or NO_VALUE
+
+
+def _overview_block(summary: Summary) -> tuple[str, list[OverviewColumn], list[list[str]]]:
+    """Every task (rows) and configuration at every env step of the summary beside the published numbers."""
+    columns = overview_columns(summary)
+    cells = {(c.task, c.configuration, c.env_steps): c for c in summary.cells}
+    with_published = {p.task for p in published_returns()}
+    rows = []
+    for task in summary.tasks:
+        row = [task if task in with_published else f"{task} (no published numbers)"]
+        for col in columns:
+            if col.configuration is not None:
+                row.append(_overview_ours(cells.get((task, col.configuration, col.env_steps))))
+            else:
+                found = [p for p in summary.published_of(task, col.env_steps) if p.method == col.group]
+                row.append(_overview_published(found))
+        rows.append(row)
+    return ("overview", columns, rows)
+
+
+def _overview_caption(summary: Summary, columns: Sequence[OverviewColumn]) -> str:
+    shown = {(c.configuration, c.env_steps) for c in columns if c.configuration}
+    configurations = sorted({c.configuration for c in summary.cells}, key=_configuration_key)
+    sources = sorted({p.source for p in summary.published}, key=_source_key)
+    steps = " and ".join(steps_label(s) for s in summary.at)
+    text = (f"Evaluation return at {steps} env steps. Ours, named by configuration: mean ± std over the seeds that "
+            "reach the step, and how many.")  # fmt: skip
+    if sources:
+        cited = "; ".join(f"{SOURCE_SHORT.get(s, s)}: {SOURCE_CITATION.get(s, s)}" for s in sources)
+        text += f" Published, mean ± std: {cited}."
+    text += f" {NO_VALUE}: no run, or no published number."
+    for env_steps in summary.at:
+        short = [f"`{name}`" for name in configurations if (name, env_steps) not in shown]
+        if short:
+            text += f" Not reached at {steps_label(env_steps)} env steps: {', '.join(short)}."
+    return text
+
+
 def _runs_block(runs: Sequence[Run]) -> tuple[str, list[str], list[list[str]]]:
     header = ["configuration", "seed", "precision", "last eval (env steps)", "planned", "evaluations", "hours", "state",
               "resumes", "machine"]  # fmt: skip
@@ -762,18 +928,19 @@ def _resumes_text(run: Run) -> str:
     return "yes" if run.resumed else "no sign"
 
 
-def _method_text(summary: Summary) -> str:
-    return (
-        "Return: the mean return of a run's evaluation episodes (deterministic policy). A seed's value at N env "
-        "steps is its evaluation at exactly N, else its last evaluation at most one evaluation interval "
-        "(eval_freq x action_repeat) before N, else missing. mean and std (sample, ddof 1) are over seeds; IQM is "
-        "the interquartile mean over seeds, with a 95% stratified bootstrap CI from `rliable` "
-        f"({summary.bootstrap_reps} resamples). Curves: the mean over seeds with a 95% bootstrap band over seeds. "
-        "Published rows: mean and std over seeds as reported in the cited table (plotted as hollow markers with "
-        "error bars: circles CURL, squares DrQ). Hours: status.json's elapsed time, or where a run has none, the "
-        "logged time of its training episodes and evaluations. Resumes: status.json's count; without one, yes when "
-        "a log's env steps go back."
-    )
+def _method_items(summary: Summary) -> list[str]:
+    return [
+        "Return: the mean return of one evaluation's episodes, deterministic policy (`episode_reward` in eval.log).",
+        "A seed's value at N env steps: its evaluation at exactly N, else its last evaluation at most one evaluation "
+        "interval (eval_freq x action_repeat) before N, else missing; each fallback and missing seed is listed under "
+        "the task's Notes.",
+        "mean and std (sample, ddof 1) are over the seeds with a value; IQM is the interquartile mean over seeds, "
+        f"with a 95% stratified bootstrap CI from `rliable` ({summary.bootstrap_reps} resamples).",
+        "Curves: the mean over seeds with a 95% bootstrap band over seeds; thin lines are single seeds. Published "
+        "numbers are hollow markers with error bars (circles CURL, squares DrQ).",
+        "Hours: status.json's elapsed time, or where a run has none, the logged time of its training episodes and "
+        "evaluations. Resumes: status.json's count; without one, yes when a log's env steps go back.",
+    ]
 
 
 def _table_row(line: str) -> list[str]:
@@ -840,20 +1007,28 @@ def _blocks(
     notes: Sequence[tuple[Any, ...]] = (),
     title: str = DEFAULT_TITLE,
 ) -> list[tuple[Any, ...]]:
+    """The page: the overview table and the return plots first (what a reader comes for), then how the numbers are
+    made, the notes, and per task the tables with IQM and CIs, the data's own notes, the runs, their commands and the
+    training plot."""
     grouped = _by_task(summary.runs)
+    overview = _overview_block(summary)
     blocks: list[tuple[Any, ...]] = [
         ("h1", title),
+        overview,
+        ("p", _overview_caption(summary, overview[1])),
+        ("figures", [images[f"{task}_returns"] for task in summary.tasks]),
+        ("h2", "How the numbers are made"),
         (
             "p",
             f"Generated by `{summary.generated_by}` on "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: {count(len(summary.runs), 'run')}, "
             f"{count(len(summary.tasks), 'task')}.",
         ),  # fmt: skip
-        ("p", _method_text(summary)),
+        ("ul", _method_items(summary)),
         *notes,
     ]
     for task in summary.tasks:
-        blocks += [("h2", task), ("img", *images[f"{task}_returns"])]
+        blocks.append(("h2", task))
         for env_steps in summary.at:
             blocks += [("h3", f"At {steps_label(env_steps)} env steps"), _table_block(summary, task, env_steps)]
         if summary.notes.get(task):
@@ -868,6 +1043,15 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows])
+
+
+def _overview_header(column: OverviewColumn) -> str:
+    return f"{steps_label(column.env_steps)} {column.group_title}: {column.label}"
+
+
 def render_markdown(blocks: Sequence[tuple[Any, ...]]) -> str:
     """The blocks as a Markdown page."""
     out: list[str] = []
@@ -880,17 +1064,83 @@ def render_markdown(blocks: Sequence[tuple[Any, ...]]) -> str:
             out.append("\n".join(f"- {item}" for item in rest[0]))
         elif kind == "img":
             out.append(f"![{rest[1]}]({rest[0]})")
+        elif kind == "figures":
+            out += [f"![{alt}]({src})" for src, alt in rest[0]]
         elif kind == "table":
-            header, rows = rest
-            lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-            out.append("\n".join(lines))
+            out.append(_md_table(*rest))
+        elif kind == "overview":
+            columns, rows = rest
+            out.append(_md_table(["task", *map(_overview_header, columns)], rows))
     return "\n\n".join(out) + "\n"
 
 
 def _inline_html(text: str) -> str:
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
     return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
+
+
+def _html_img(image_dir: Path, src: str, alt: str) -> str:
+    data = base64.b64encode((image_dir / src).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _html_overview(columns: Sequence[OverviewColumn], rows: Sequence[Sequence[str]]) -> str:
+    """The overview with grouped headers (env steps, then method, then our configuration or the published source),
+    a rule before each method group, published numbers in grey."""
+    keys = [(c.env_steps, c.group) for c in columns]
+    starts = {i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]}
+
+    def spans(key: Any, label: Any) -> str:
+        groups = [list(g) for _, g in itertools.groupby(columns, key=key)]
+        return "".join(f'<th colspan="{len(g)}" class="g">{_inline_html(label(g[0]))}</th>' for g in groups)
+
+    def cls(i: int, c: OverviewColumn) -> str:
+        names = [n for n, on in (("g", i in starts), ("pub", c.configuration is None)) if on]
+        return f' class="{" ".join(names)}"' if names else ""
+
+    head = (
+        '<tr><th rowspan="3">task</th>'
+        + spans(lambda c: c.env_steps, lambda c: f"at {steps_label(c.env_steps)} env steps") + "</tr><tr>"
+        + spans(lambda c: (c.env_steps, c.group), lambda c: c.group_title) + "</tr><tr>"
+        + "".join(f"<th{cls(i, c)}>{_inline_html(c.label)}</th>" for i, c in enumerate(columns)) + "</tr>"
+    )  # fmt: skip
+    body = "".join(
+        f"<tr><th>{_html_cell(row[0])}</th>"
+        + "".join(
+            f"<td{cls(i, c)}>{_html_cell(row[i + 1], c.configuration is None)}</td>" for i, c in enumerate(columns)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    # Smaller type only where the columns would not fit a 1280-pixel screen otherwise (11 columns of two sweeps).
+    size = "" if len(columns) <= 8 else ' style="font-size:.85em"'
+    table = f'<table class="overview"{size}><thead>{head}</thead><tbody>{body}</tbody></table>'
+    return f'<div class="wide">{table}</div>'
+
+
+def _html_cell(text: str, published: bool = False) -> str:
+    """An overview cell with each bracketed tail in small type: the seeds (and "no published numbers") on a line of
+    their own, so the columns stay narrow enough for the table to fit a screen; a published number's source beside
+    it, one source a line."""
+    lines = []
+    text = text.replace(" ± ", "\u2009±\u2009")  # thin spaces, as the papers' tables set it
+    for part in text.split("; ") if published else [text]:
+        found = re.fullmatch(r"(.*?) \(([^()]*)\)", part)
+        if found:
+            tail = f'<span class="n">{_inline_html(found[2])}</span>'
+            lines.append(_inline_html(found[1]) + (" " if published else "<br>") + tail)
+        else:
+            lines.append(_inline_html(part))
+    return "<br>".join(lines)
+
+
+# A cell that reads as a number (with a unit, a CI or "2 of 3"): right-aligned so that its digits line up.
+NUMBER_CELL = re.compile(r"[-+]?\d[\d.]*(, \d[\d.]*)*( ?(k|M|s|h|%)| of \d+)?( \[[^\]]*\])?")
+
+
+def _html_td(text: str) -> str:
+    align = ' class="num"' if NUMBER_CELL.fullmatch(text) else ""
+    return f"<td{align}>{_inline_html(text)}</td>"
 
 
 def render_html(blocks: Sequence[tuple[Any, ...]], image_dir: Path) -> str:
@@ -903,16 +1153,27 @@ def render_html(blocks: Sequence[tuple[Any, ...]], image_dir: Path) -> str:
         elif kind == "ul":
             body.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in rest[0]) + "</ul>")
         elif kind == "img":
-            data = base64.b64encode((image_dir / rest[0]).read_bytes()).decode("ascii")
-            body.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(rest[1])}">')
+            body.append(_html_img(image_dir, *rest))
+        elif kind == "figures":
+            body.append('<div class="figures">' + "".join(_html_img(image_dir, *f) for f in rest[0]) + "</div>")
         elif kind == "table":
             header, rows = rest
             head = "".join(f"<th>{_inline_html(h)}</th>" for h in header)
-            cells = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
+            cells = "".join("<tr>" + "".join(_html_td(c) for c in row) + "</tr>" for row in rows)
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em}"
-             "td:not(:first-child){text-align:right}img{max-width:100%}code{background:#f3f3f3}")  # fmt: skip
+        elif kind == "overview":
+            body.append(_html_overview(*rest))
+    # Prose keeps a readable line length; tables and plots may use the page's width.
+    style = ("body{font-family:system-ui,sans-serif;line-height:1.45;max-width:1240px;margin:1.5em auto;padding:0 1em}"
+             "p,ul{max-width:58em}h1{margin:.2em 0 .5em}"
+             "table{border-collapse:collapse;margin:1em 0;font-variant-numeric:tabular-nums}"
+             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}td.num{text-align:right}"
+             ".wide{overflow-x:auto}.overview td,.overview th{padding:.2em .35em;"
+             "white-space:nowrap;text-align:center}.overview tbody th{text-align:left}.overview .n{font-size:.82em;"
+             "font-weight:normal;color:#666}"
+             ".overview thead th{background:#f5f5f5}.overview .g{border-left:2px solid #888}.overview .pub{color:#666}"
+             ".figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:.5em}"
+             "img{max-width:100%}code{background:#f3f3f3}")  # fmt: skip
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")  # fmt: skip
 
@@ -951,9 +1212,9 @@ def write_report(
 ) -> Path:
     """Load the runs under `path`, summarise them and write report.md, report.html, summary.json and per task
     <task>_returns.png and <task>_losses.png to `out_dir` (default: PATH/report); with `page`, the Markdown goes
-    there instead, its plot links relative to it. `notes`: a Markdown file placed under the introduction; `title`: the
-    page's heading. Returns the output folder."""
-    runs = load_runs(path)
+    there instead, its plot links relative to it. `notes`: a Markdown file placed before the per-task sections;
+    `title`: the page's heading. Returns the output folder."""
+    runs, damage = load_runs_and_damage(path)
     note_blocks = notes_blocks(_read_notes(Path(notes))) if notes is not None else []
     out = Path(out_dir) if out_dir is not None else Path(path) / "report"
     page_path = Path(page) if page is not None else out / "report.md"
@@ -972,13 +1233,22 @@ def write_report(
             fig = plot(runs, task, bootstrap_reps)
             fig.savefig(out / f"{task}_{kind}.png", dpi=110)
             images[f"{task}_{kind}"] = (f"{task}_{kind}.png", f"{task} {kind}")
-    blocks = _blocks(summary, images, note_blocks, title)
+    blocks = _blocks(summary, images, [*note_blocks, *damage_blocks(damage, path)], title)
     link = Path(os.path.relpath(out, page_path.parent))
-    page_blocks = [("img", (link / b[1]).as_posix(), b[2]) if b[0] == "img" else b for b in blocks]
+    page_blocks = [_relinked(b, link) for b in blocks]
     write_text_atomic(page_path, render_markdown(page_blocks))
     write_text_atomic(out / "report.html", render_html(blocks, out))
     write_text_atomic(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
     return out
+
+
+def _relinked(block: tuple[Any, ...], link: Path) -> tuple[Any, ...]:
+    """A block whose plot paths (relative to the output folder) are made relative to the page's folder."""
+    if block[0] == "img":
+        return ("img", (link / block[1]).as_posix(), block[2])
+    if block[0] == "figures":
+        return ("figures", [((link / src).as_posix(), alt) for src, alt in block[1]])
+    return block
 
 
 def _read_notes(path: Path) -> str:

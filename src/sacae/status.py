@@ -1,7 +1,9 @@
 """Where the runs of a sweep stand: one row per run folder with its state, progress, last evaluation and ETA.
 
 The state comes from the trainer's status.json and, while a job may still run, from Slurm (squeue, then sacct for
-jobs that ended without a word) or from the local process in the run's `id`.
+jobs that ended without a word) or from the local process in the run's `id`. A run with a file that cannot be read
+(status.json, config.json, id, train.log, eval.log) is "damaged", its detail naming the file and what is wrong,
+unless its job or process still runs; the rest of its row shows what could be read.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from typing import Annotated, Any
 import tyro
 
 from sacae.errors import SacaeError
-from sacae.logger import count, read_jsonl
-from sacae.rundir import read_status
-from sacae.sweep import SCRIPT_PREFIX, SlurmJob, local_process_alive, read_id, sacct_state, slurm_jobs
+from sacae.logger import count
+from sacae.rundir import check_config, check_status, read_log
+from sacae.sweep import (
+    SCRIPT_PREFIX,
+    SlurmJob,
+    check_id,
+    local_process_alive,
+    read_id,
+    sacct_state,
+    slurm_jobs,
+    trainer_pid,
+)
 
 # Files whose presence makes a folder a run folder (its subfolders are then not searched).
 RUN_MARKERS = ("run.sh", "status.json", "config.json", "train.log", "id")
@@ -51,7 +62,7 @@ class RunStatus:
     task: str
     configuration: str
     seed: str
-    state: str  # new, queued, running, requeued, suspended, stopped, finished, failed
+    state: str  # new, queued, running, requeued, suspended, stopped, finished, failed, damaged
     env_steps: int | None
     total_env_steps: int | None
     eval_return: float | None
@@ -85,11 +96,10 @@ def run_labels(run_dir: Path) -> tuple[str, str, str]:
     match = re.fullmatch(r"seed_(\d+)", run_dir.name)
     if match:
         return run_dir.parent.parent.name, run_dir.parent.name, match.group(1)
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-        return f"{cfg['domain_name']}_{cfg['task_name']}", str(cfg["configuration"]), str(cfg["seed"])
-    except (OSError, ValueError, KeyError, TypeError):
+    cfg = check_config(run_dir)[0]
+    if cfg is None:  # damaged, or without its task
         return run_dir.name, "?", "?"
+    return f"{cfg['domain_name']}_{cfg['task_name']}", str(cfg.get("configuration", "?")), str(cfg.get("seed", "?"))
 
 
 def last_error_line(run_dir: Path) -> str:
@@ -150,27 +160,38 @@ def slurm_final_state(job_id: str, job: SlurmJob | None) -> str | None:
     return sacct_state(job_id)
 
 
-def _trainer_pid(status: dict[str, Any]) -> str | None:
-    """The process that last wrote status.json, where it ran on this machine: the way to a run started by `sacae
-    train` itself, which has no `id` file."""
-    pid = status.get("pid")
-    if isinstance(pid, int) and not isinstance(pid, bool) and status.get("host") == socket.gethostname():
-        return str(pid)
-    return None
-
-
 def run_status(run_dir: Path, jobs: dict[str, SlurmJob] | None) -> RunStatus:
     """One run's state and progress; `jobs` is squeue's answer (None where Slurm cannot be asked)."""
-    status = read_status(run_dir) or {}
+    status, status_problem = check_status(run_dir)
+    status = status or {}
     trainer_state = status.get("state")
-    job_id = read_id(run_dir)
+    job_id, id_problem = check_id(run_dir)
+    cfg, config_problem = check_config(run_dir, required=())  # the labels come from the folders where it lacks them
+    cfg = cfg or {}
+    rows_train, train_problem = read_log(run_dir, "train.log")
+    rows_eval, eval_problem = read_log(run_dir, "eval.log")
+    if (rows_train or rows_eval) and not (run_dir / "status.json").exists():
+        status_problem = "is missing"  # the trainer writes it before its first log row
+    damage = [
+        f"{name} {problem}"
+        for name, problem in (
+            ("status.json", status_problem),
+            ("config.json", config_problem),
+            ("id file", id_problem),
+            ("train.log", train_problem),
+            ("eval.log", eval_problem),
+        )
+        if problem is not None
+    ]
     slurm = (run_dir / "run.slrm").exists()
     job = jobs.get(job_id) if slurm and jobs is not None and job_id else None
     detail = ""
+    alive = False  # a job or process still runs it: its state says more than any damaged file
 
     if trainer_state == "finished":
         state = "finished"
     elif job is not None and job.live:
+        alive = True
         if job.state == "PENDING":
             state = "requeued" if job.restarts > 0 or trainer_state else "queued"
             detail = f"waiting ({job.reason})" if job.reason and job.reason != "None" else ""
@@ -183,8 +204,8 @@ def run_status(run_dir: Path, jobs: dict[str, SlurmJob] | None) -> RunStatus:
         else:
             state = "running"
             detail = "starting" if not trainer_state else (f"restarts {job.restarts}" if job.restarts else "")
-    elif not slurm and local_process_alive(local_pid := job_id or _trainer_pid(status), run_dir):
-        job_id = local_pid
+    elif not slurm and local_process_alive(local_pid := job_id or trainer_pid(status), run_dir):
+        job_id, alive = local_pid, True
         state = "running"
         detail = "starting" if not trainer_state else ""
     elif slurm and jobs is None and job_id:
@@ -208,13 +229,11 @@ def run_status(run_dir: Path, jobs: dict[str, SlurmJob] | None) -> RunStatus:
         if trainer_state == "running":
             reason = "ended without a word" + (f": {reason}" if reason else "")
         detail = ", ".join(filter(None, [f"Slurm: {why}" if why else "", reason or "no output"]))
+    if damage and alive:
+        detail = "; ".join([*damage, detail] if detail else damage)
+    elif damage:
+        state, detail = "damaged", "; ".join(damage)
 
-    rows_train = read_jsonl(run_dir / "train.log")
-    rows_eval = read_jsonl(run_dir / "eval.log")
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        cfg = {}
     env_steps = status.get("env_steps")
     if env_steps is None and rows_train:
         env_steps = rows_train[-1].get("env_steps")
@@ -225,7 +244,7 @@ def run_status(run_dir: Path, jobs: dict[str, SlurmJob] | None) -> RunStatus:
     rate, updating = training_rate(rows_train)
     eta = None
     seed_phase_only = not updating and (cfg.get("init_steps") or 0) > 0  # the rate says nothing of what follows
-    if state not in ("finished", "failed") and total is not None and not seed_phase_only:
+    if state not in ("finished", "failed", "damaged") and total is not None and not seed_phase_only:
         eta = time_left(env_steps or 0, total, rate, rows_eval, cfg)
     task, configuration, seed = run_labels(run_dir)
     return RunStatus(
@@ -311,7 +330,7 @@ def format_table(rows: list[RunStatus], detail_width: int = 100) -> str:
         "  ".join(str(cell).ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]
     ]
     counts = Counter(r.state for r in rows)
-    order = ("running", "queued", "requeued", "suspended", "stopped", "new", "failed", "finished")
+    order = ("running", "queued", "requeued", "suspended", "stopped", "new", "failed", "damaged", "finished")
     summary = ", ".join(f"{counts[s]} {s}" for s in order if counts[s])
     lines.append(f"{count(len(rows), 'run')}: {summary}" if rows else "no runs")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -28,10 +29,13 @@ import tyro
 
 from sacae.config import TrainConfig, resolve
 from sacae.errors import SacaeError
-from sacae.rundir import read_status
+from sacae.rundir import check_config, check_status, read_status, shown
 
 # Training flags a sweep sets itself for each run (or that would defeat resuming), in their underscore spelling.
 SWEEP_FLAGS = ("task", "domain_name", "task_name", "seed", "work_dir", "resume", "no_resume", "force")
+
+# What an `id` file holds: a Slurm job id (an array task's too, 123_4) or the process id of a local run.
+JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
 
 # Prefix of the lines the Slurm script itself writes to stderr (status skips them when it looks for an error).
 SCRIPT_PREFIX = "sacae sweep:"
@@ -207,11 +211,32 @@ def run_memory_bytes(cfg: TrainConfig) -> int:
 # Run folders
 
 
-def read_id(run_dir: Path) -> str | None:
+def check_id(run_dir: Path) -> tuple[str | None, str | None]:
+    """The job or process id in a run's `id` file, and what is wrong with the file in words (None when nothing is,
+    or there is no file)."""
     try:
-        return (run_dir / "id").read_text().strip() or None
-    except OSError:
-        return None
+        text = (run_dir / "id").read_bytes().decode("utf-8", errors="replace").strip()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    if not text:
+        return None, "is empty"
+    if not JOB_ID.fullmatch(text):
+        return None, f"holds {shown(text)}, which is no job or process id"
+    return text, None
+
+
+def read_id(run_dir: Path) -> str | None:
+    """The job or process id of a run (None when it has none, or its `id` file is damaged)."""
+    return check_id(run_dir)[0]
+
+
+def trainer_pid(status: dict[str, Any]) -> str | None:
+    """The process that last wrote status.json, where it ran on this machine: the way to a run whose `id` does not
+    lead to it (started by `sacae train` itself, or its `id` damaged)."""
+    pid = status.get("pid")
+    return str(pid) if pid is not None and status.get("host") == socket.gethostname() else None
 
 
 def local_process_alive(pid_text: str | None, run_dir: Path) -> bool:
@@ -258,16 +283,40 @@ def run_script(plan: RunPlan, cwd: Path) -> str:
     )
 
 
-def script_command(run_sh: Path) -> list[str] | None:
-    """The training command an existing run.sh starts (None if there is none)."""
+def check_script(run_sh: Path) -> tuple[list[str] | None, str | None]:
+    """The training command an existing run.sh starts, and what is wrong with the file in words (None when nothing
+    is, or there is no file)."""
     try:
-        lines = run_sh.read_text().splitlines()
-    except OSError:
-        return None
+        lines = run_sh.read_bytes().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError:
+        return None, "is not text"
     for line in lines:
         if line.startswith("exec "):
-            return shlex.split(line[len("exec ") :])
-    return None
+            try:
+                return shlex.split(line[len("exec ") :]), None
+            except ValueError as e:
+                return None, f"has a command that cannot be split into words ({e})"
+    return None, "starts no command (it has no exec line)"
+
+
+def script_command(run_sh: Path) -> list[str] | None:
+    """The training command an existing run.sh starts (None if there is none, or it is damaged)."""
+    return check_script(run_sh)[0]
+
+
+def damaged_files(run_dir: Path) -> dict[str, str]:
+    """The files of a run folder that the sweep reads and cannot, each with what is wrong with it in words."""
+    checks = {
+        "status.json": lambda: check_status(run_dir)[1],
+        "config.json": lambda: check_config(run_dir)[1],
+        "id": lambda: check_id(run_dir)[1],
+        "run.sh": lambda: check_script(run_dir / "run.sh")[1],
+    }
+    return {name: problem for name, check in checks.items() if (problem := check()) is not None}
 
 
 def train_part(command: Sequence[str]) -> list[str]:
@@ -577,8 +626,9 @@ def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path |
     """Start (or resume) every run of the sweep that is neither finished nor still queued or running.
 
     Returns what happened to each run, by name (`task/configuration/seed_i`): submitted JOB_ID, started,
-    finished, running JOB_ID, exited N (local), or planned (dry run). Slurm runs return as soon as they are
-    submitted; local runs return when they have all ended.
+    finished, running JOB_ID, exited N (local), damaged (left alone: its config.json, or the id of its Slurm job,
+    cannot be read), or planned (dry run). Slurm runs return as soon as they are submitted; local runs return when
+    they have all ended.
     """
     if say is None:
 
@@ -609,18 +659,34 @@ def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path |
     for plan in plans:
         status = read_status(plan.run_dir) or {}
         job_id = read_id(plan.run_dir)
+        slurm = (plan.run_dir / "run.slrm").exists()
+        damaged = damaged_files(plan.run_dir)
         if status.get("state") == "finished":
             outcome[plan.name] = "finished"
             say(f"{plan.name}: finished, skipped")
             continue
-        if (plan.run_dir / "run.slrm").exists() and job_id in jobs and jobs[job_id].live:
+        if slurm and job_id in jobs and jobs[job_id].live:
             outcome[plan.name] = f"running {job_id}"
             say(f"{plan.name}: job {job_id} is {jobs[job_id].state.lower()}, left alone")
             continue
-        if local_process_alive(job_id, plan.run_dir):
-            outcome[plan.name] = f"running {job_id}"
-            say(f"{plan.name}: process {job_id} is running, left alone")
+        if local_process_alive(pid := job_id or (None if slurm else trainer_pid(status)), plan.run_dir):
+            outcome[plan.name] = f"running {pid}"
+            say(f"{plan.name}: process {pid} is running, left alone")
             continue
+        if "config.json" in damaged:
+            outcome[plan.name] = "damaged"
+            say(f"{plan.name}: its config.json {damaged['config.json']}, so the run cannot resume; left alone "
+                f"(remove {plan.run_dir} to start it over)")  # fmt: skip
+            continue
+        if slurm and "id" in damaged:
+            outcome[plan.name] = "damaged"
+            say(f"{plan.name}: its id file {damaged['id']}, so the sweep cannot tell whether its Slurm job still "
+                f"runs; left alone (once squeue shows no job of it, remove {plan.run_dir / 'id'} and run the sweep "
+                "again)")  # fmt: skip
+            continue
+        for name, problem in damaged.items():
+            then = "the run starts again, from its last checkpoint" if name == "status.json" else "it is written anew"
+            say(f"{plan.name}: its {name} {problem}; {then}")
         to_start.append(plan)
 
     if args.dry_run:
