@@ -3,10 +3,12 @@
 # no sbatch), with the configuration set below:
 #
 #   ./run_cluster.sh walker walk [more sacae train flags, which win over the ones below]
+#   ./run_cluster.sh gymnasium:HalfCheetah-v5 [more sacae train flags]      (a Gymnasium environment)
 #
-# Output goes to $RUNS_DIR/<domain>_<task>/<configuration>/seed_<i>/ (configuration: sac_ae, sac_pixel or
-# sac_states, from ENCODER_TYPE and DECODER_TYPE). Running the same command again skips finished runs, leaves
-# queued or running ones alone and resumes the others. `sacae status runs` shows where they stand.
+# Output goes to $RUNS_DIR/<domain>_<task>/<configuration>/seed_<i>/ (gymnasium-<id>/... for a Gymnasium
+# environment; configuration: sac_ae, sac_pixel or sac_states, from ENCODER_TYPE and DECODER_TYPE). Running the
+# same command again skips finished runs, leaves queued or running ones alone and resumes the others.
+# `sacae status runs` shows where they stand.
 # Every variable can also be set from the environment, e.g. SEEDS=3 ENCODER_TYPE=identity ./run_cluster.sh ...
 set -euo pipefail
 
@@ -39,12 +41,16 @@ SIGNAL_SECONDS=${SIGNAL_SECONDS:-300}          # checkpoint and requeue this lon
 SBATCH_OPTIONS=${SBATCH_OPTIONS:-}             # more sbatch options, e.g. "qos=high constraint=volta32gb"
 # -------------------------------------------------------------------------------------------------------------
 
-if [ $# -lt 2 ]; then
-  echo "usage: $0 DOMAIN TASK [sacae train flags]   (e.g. $0 walker walk)" >&2
+if [ $# -ge 1 ] && [[ $1 == gymnasium:* ]]; then
+  RUN_TASK=$1
+  shift 1
+elif [ $# -ge 2 ]; then
+  RUN_TASK=${1}_${2}
+  shift 2
+else
+  echo "usage: $0 DOMAIN TASK [sacae train flags]   (e.g. $0 walker walk), or $0 gymnasium:ID [sacae train flags]" >&2
   exit 2
 fi
-DOMAIN=$1 TASK=$2
-shift 2
 
 # The sacae of this checkout's .venv when there is one, else the one on PATH ($SACAE wins over both).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -52,7 +58,7 @@ if [ -z "${SACAE:-}" ]; then
   if [ -x "$HERE/.venv/bin/sacae" ]; then SACAE=$HERE/.venv/bin/sacae; else SACAE=sacae; fi
 fi
 
-sweep=(--tasks "${DOMAIN}_${TASK}" --num_seeds "$SEEDS" --runs_dir "$RUNS_DIR" --executor "$EXECUTOR"
+sweep=(--tasks "$RUN_TASK" --num_seeds "$SEEDS" --runs_dir "$RUNS_DIR" --executor "$EXECUTOR"
        --mem "$MEM" --signal_seconds "$SIGNAL_SECONDS")
 [ -n "$PARTITION" ] && sweep+=(--partition "$PARTITION")
 [ -n "$TIME" ] && sweep+=(--time "$TIME")

@@ -475,3 +475,42 @@ def test_unknown_domain_lists_valid_domains():
     # The environment constructor reports the same problem instead of a dm_control traceback.
     with pytest.raises(SacaeError, match="cheetah"):
         DMCEnv("spaceship", "run", seed=0, pixels=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Any suite task, not only the testbed's
+
+
+def test_help_lists_the_suites_own_tasks(capsys, monkeypatch):
+    from sacae.cli import main
+    from sacae.envs import task_summary
+
+    summary = task_summary()
+    for domain, task in suite.ALL_TASKS:
+        assert f"{domain}: " in summary and task in summary
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag: no words broken across lines
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "pendulum: swingup" in out and "humanoid_CMU: run, stand, walk" in out
+
+
+def test_a_task_outside_the_testbed_trains(tmp_path):
+    from sacae.testbed import TESTBED
+    from tests.conftest import run_cli
+
+    assert "acrobot_swingup" not in dict(TESTBED)
+    work = tmp_path / "run"
+    args = ["train", "--task", "acrobot_swingup", "--encoder_type", "identity", "--decoder_type", "identity",
+            "--action_repeat", "8", "--hidden_dim", "16", "--batch_size", "8", "--num_train_steps", "125",
+            "--init_steps", "100", "--eval_freq", "500", "--num_eval_episodes", "0", "--num_threads", "1",
+            "--work_dir", str(work)]  # fmt: skip
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sac_states on acrobot_swingup (action repeat 8)" in result.stderr
+    import json
+
+    rows = [json.loads(line) for line in (work / "train.log").read_text().splitlines()]
+    assert [(r["env_steps"], r["agent_steps"]) for r in rows] == [(1000, 125)]
+    assert rows[0]["critic_loss"] is not None and rows[0]["env_steps_per_second"] > 0

@@ -8,11 +8,17 @@ logs) counts environment steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from sacae.errors import SacaeError
 
@@ -38,10 +44,25 @@ EXECUTION_FIELDS = ("device", "num_threads", "overlap", "replay_device")
 # dm_control episodes are 1000 simulator steps long.
 EPISODE_ENV_STEPS = 1000
 
+# The experiment trackers --logger may name (docs/trackers.md).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+# Step counts, intervals, sizes and episode counts stay below this: far beyond any run (the paper's longest is 3M
+# agent steps), and every product of them with the action repeat still fits the int64 that numpy and torch store.
+MAX_COUNT = 10**12
+# dm_control seeds each task's numpy RandomState with the run's seed, and RandomState takes [0, 2**32 - 1] only
+# (np.random.SeedSequence, which seeds the replay and the exploration, refuses negatives too).
+MAX_SEED = 2**32 - 1
+# torch.set_num_threads takes any positive C int, but OpenMP starts every thread it is given: beyond the logical CPUs
+# of the largest machines a count only slows training down.
+MAX_THREADS = 1024
+# exp(88.7) is the largest float32: a log standard deviation beyond it makes the policy's scale infinite.
+LOG_STD_LIMIT = 88.0
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Train a SAC+AE agent on a DeepMind Control Suite task.
+    """Train a SAC+AE agent on a DeepMind Control Suite task (or a Gymnasium environment: --env).
 
     Step flags (--num_train_steps, --init_steps, --eval_freq) count AGENT steps, as in the authors' release:
     environment steps = agent steps x action_repeat. The console's S and the logs' env_steps count environment
@@ -53,8 +74,16 @@ class TrainConfig:
     """dm_control domain, e.g. cheetah, walker, cartpole."""
     task_name: str = "run"
     """dm_control task of the domain, e.g. run, walk, swingup."""
-    task: str | None = None
-    """Shorthand DOMAIN_TASK (e.g. cartpole_swingup, ball_in_cup_catch); overrides --domain_name/--task_name."""
+    # The help lists dm_control.suite's own tasks; tyro evaluates the annotation when it builds the command line.
+    task: Annotated[str | None, tyro.conf.arg(help=_task_help())] = None
+    """Shorthand DOMAIN_TASK for any dm_control.suite task (e.g. cartpole_swingup, ball_in_cup_catch);
+    overrides --domain_name/--task_name."""
+    env: str | None = None
+    """A Gymnasium environment instead of a dm_control task, gymnasium:<id> (e.g. gymnasium:Pendulum-v1 or
+    gymnasium:HalfCheetah-v5; gymnasium:<module>:<id> first imports the module that registers the id), with a Box
+    action space; pixels are its rgb_array render (docs/environments.md)."""
+    env_kwargs: str | None = None
+    """With --env: keyword arguments for gymnasium.make, as a JSON object (e.g. '{"max_episode_steps": 500}')."""
     image_size: int = 84
     """Side of the square pixel observation."""
     action_repeat: int | None = None
@@ -148,7 +177,11 @@ class TrainConfig:
     work_dir: str = "./save"
     """Folder for config.json, train.log, eval.log, tb/, video/ and model/."""
     save_tb: bool = False
-    """Write TensorBoard curves to WORK_DIR/tb."""
+    """Write TensorBoard curves to WORK_DIR/tb (the same as --logger tensorboard)."""
+    logger: str = ""
+    """Experiment trackers, comma-separated: tensorboard (WORK_DIR/tb), wandb (offline, in WORK_DIR/wandb, unless
+    WANDB_MODE is set), mlflow (a file store in WORK_DIR/mlruns unless MLFLOW_TRACKING_URI is set); --save_tb adds
+    tensorboard. Each gets the scalars of train.log and eval.log at their env steps (docs/trackers.md)."""
     save_video: bool = False
     """Write one evaluation episode per evaluation to WORK_DIR/video/<env_steps>.mp4."""
     save_model: bool = False
@@ -190,11 +223,20 @@ class TrainConfig:
 
     @property
     def env_name(self) -> str:
+        """The environment as one folder name: cheetah_run, or gymnasium-Pendulum-v1 for --env gymnasium:Pendulum-v1."""
+        if self.env is not None:
+            return re.sub(r"[^A-Za-z0-9._-]+", "-", self.env).strip("-")
         return f"{self.domain_name}_{self.task_name}"
 
     @property
     def pixels(self) -> bool:
         return self.encoder_type == "pixel"
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers --logger and --save_tb ask for, each once, tensorboard first when --save_tb is given."""
+        names = [name.strip() for name in self.logger.split(",") if name.strip()]
+        return tuple(dict.fromkeys(["tensorboard"] * self.save_tb + names))
 
     @property
     def checkpoint_agent_steps(self) -> int:
@@ -207,7 +249,13 @@ class TrainConfig:
 
     @property
     def episode_agent_steps(self) -> int:
-        return math.ceil(EPISODE_ENV_STEPS / (self.action_repeat or 1))
+        """Agent steps of the longest episode: dm_control's 1000 simulator steps, or a Gymnasium env's time limit."""
+        env_steps = EPISODE_ENV_STEPS
+        if self.env is not None:
+            from sacae.gym_env import time_limit  # imported lazily: it imports gymnasium
+
+            env_steps = time_limit(self.env, self.env_kwargs)
+        return math.ceil(env_steps / (self.action_repeat or 1))
 
     def to_dict(self) -> dict[str, Any]:
         """The run's configuration (the run-control flags are not part of it)."""
@@ -222,25 +270,54 @@ class TrainConfig:
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
+        """The configuration a config.json object holds; SacaeError naming `source` (the file it came from) and the
+        first key that is unknown, of the wrong type or out of range. Keys left out take their defaults."""
+        where = f"the config file {source}" if source is not None else "the config"
         known = {f.name for f in dataclasses.fields(cls)} - set(RUN_CONTROL_FIELDS)
         unknown = sorted(set(d) - known - {"configuration"})
         if unknown:
-            raise SacaeError(f"The config has unknown keys: {', '.join(unknown)}.")
-        return cls(**{k: v for k, v in d.items() if k in known})
+            raise SacaeError(f"{where[0].upper()}{where[1:]} has unknown keys: {', '.join(unknown)}.")
+        hints = field_types()
+        values = {}
+        for name, value in d.items():
+            if name not in known:
+                continue
+            expected = _type_mismatch(value, hints[name])
+            if expected is None:
+                value, expected = _coerce(value, hints[name])
+            if expected is not None:
+                raise SacaeError(f"In {where}, {name} must be {expected} (got {_shown(value, True)}).")
+            values[name] = value
+        cfg = cls(**values)
+        try:
+            validate(cfg, keys=True)
+        except SacaeError as e:
+            raise SacaeError(f"In {where}, {e}") from None
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        """The configuration in a config.json file, checked as the command line's flags are (task names and the
+        image size against the task's model included); SacaeError naming the file and the key otherwise."""
         path = Path(path)
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise SacaeError(f"There is no config file at {path}.") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except OSError as e:
+            raise SacaeError(f"The config file {path} cannot be read ({e.strerror}).") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, undecodable bytes, a number of 4,300+ digits
             raise SacaeError(f"The config file {path} is not valid JSON ({e}).") from None
         if not isinstance(d, dict):
             raise SacaeError(f"The config file {path} does not hold a JSON object.")
-        return cls.from_dict(d)
+        cfg = cls.from_dict(d, source=path)
+        try:
+            resolve(cfg, keys=True)
+        except SacaeError as e:
+            message = str(e)
+            raise SacaeError(f"In the config file {path}, {message[:1].lower()}{message[1:]}") from None
+        return cfg
 
 
 def conv_output_size(image_size: int, num_layers: int) -> int:
@@ -248,23 +325,41 @@ def conv_output_size(image_size: int, num_layers: int) -> int:
     return (image_size - 3) // 2 + 1 - 2 * (num_layers - 1)
 
 
-def default_action_repeat(domain_name: str, encoder_type: str) -> int:
-    """The action repeat a run gets without --action_repeat: the domain's PlaNet value from pixels, 1 from states."""
+def default_action_repeat(domain_name: str, encoder_type: str, env: str | None = None) -> int:
+    """The action repeat a run gets without --action_repeat: the domain's PlaNet value from pixels, 1 from states
+    and 1 for a Gymnasium --env."""
+    if env is not None:
+        return 1
     return PLANET_ACTION_REPEAT.get(domain_name, DEFAULT_ACTION_REPEAT) if encoder_type == "pixel" else 1
+
+
+def _task_help() -> str:
+    """--task's help, with the tasks dm_control.suite itself lists."""
+    text = "Shorthand DOMAIN_TASK for any dm_control.suite task; overrides --domain_name/--task_name."
+    try:
+        from sacae.envs import task_summary  # imports dm_control
+    except SacaeError:  # no rendering backend loads: training says so when it starts
+        return text
+    return f"{text} Tasks by domain: {task_summary()}."
 
 
 def train_command(config: dict[str, Any], leave_out: tuple[str, ...] = ()) -> list[str]:
     """The `sacae train` words that reproduce a run from its config.json: --task, then each flag whose value is not
     its default (the action repeat's default follows from the domain), in the order of `sacae train --help`."""
     defaults = TrainConfig()
-    words = ["sacae", "train", "--task", f"{config['domain_name']}_{config['task_name']}"]
+    if config.get("env") is not None:
+        words = ["sacae", "train", "--env", config["env"]]
+    else:
+        words = ["sacae", "train", "--task", f"{config['domain_name']}_{config['task_name']}"]
     for f in dataclasses.fields(TrainConfig):
         name = f.name
-        if name in ("domain_name", "task_name", "task", *RUN_CONTROL_FIELDS, *leave_out) or name not in config:
+        skip = ("domain_name", "task_name", "task", "env", *RUN_CONTROL_FIELDS, *leave_out)
+        if name in skip or name not in config:
             continue
         value, default = config[name], getattr(defaults, name)
         if name == "action_repeat":
-            default = default_action_repeat(config["domain_name"], config.get("encoder_type", defaults.encoder_type))
+            encoder = config.get("encoder_type", defaults.encoder_type)
+            default = default_action_repeat(config["domain_name"], encoder, config.get("env"))
         if value == default and type(value) is type(default):
             continue
         if isinstance(value, bool):
@@ -274,98 +369,317 @@ def train_command(config: dict[str, Any], leave_out: tuple[str, ...] = ()) -> li
     return words
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill in derived defaults (task shorthand, action repeat) and reject impossible values with one sentence."""
+def resolve(cfg: TrainConfig, keys: bool = False) -> TrainConfig:
+    """Fill in derived defaults (task shorthand, action repeat) and reject impossible values with one sentence
+    (naming config.json keys rather than flags with `keys`)."""
     from sacae.envs import split_task_name  # imported lazily: envs imports dm_control
 
+    validate(cfg, keys)  # before the names and sizes below are looked up
     changes: dict[str, Any] = {}
-    if cfg.task is not None:
+    if cfg.env is not None:
+        from sacae.gym_env import time_limit  # imported lazily: it imports gymnasium
+
+        if cfg.task is not None:
+            raise SacaeError(f"--env {cfg.env} and --task {cfg.task} both name an environment; give one of them.")
+        time_limit(cfg.env, cfg.env_kwargs)  # the id, the kwargs and a time limit, each with its own sentence
+    elif cfg.env_kwargs is not None:
+        raise SacaeError("--env_kwargs only applies with --env gymnasium:<id>.")
+    elif cfg.task is not None:
         domain, task = split_task_name(cfg.task)
         changes.update(domain_name=domain, task_name=task, task=None)
     else:
         split_task_name(f"{cfg.domain_name}_{cfg.task_name}", domain=cfg.domain_name, task=cfg.task_name)
     if cfg.action_repeat is None:
-        changes["action_repeat"] = default_action_repeat(changes.get("domain_name", cfg.domain_name), cfg.encoder_type)
+        domain = changes.get("domain_name", cfg.domain_name)
+        changes["action_repeat"] = default_action_repeat(domain, cfg.encoder_type, cfg.env)
     cfg = dataclasses.replace(cfg, **changes)
-    validate(cfg)
+    validate(cfg, keys)
+    if cfg.pixels and cfg.env is None:
+        width, height = offscreen_size(cfg.domain_name, cfg.task_name)
+        side = min(width, height)
+        name = "image_size" if keys else "--image_size"
+        if cfg.image_size > side:
+            raise SacaeError(
+                f"{name} {cfg.image_size} is larger than MuJoCo renders off screen for {cfg.env_name} (its model's "
+                f"framebuffer is {width}x{height}); lower {name} to at most {side}."
+            )
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Raise SacaeError naming the first impossible value."""
+@functools.cache
+def offscreen_size(domain_name: str, task_name: str) -> tuple[int, int]:
+    """(width, height) of the task model's offscreen framebuffer: dm_control refuses to render a larger image.
+    MuJoCo's default is 640x480; a model may set its own (dog: 1920x1080)."""
+    from sacae.envs import suite  # imported lazily: envs imports dm_control
+
+    env = suite.load(domain_name, task_name)
+    try:
+        visual = env.physics.model.vis.global_
+        return int(visual.offwidth), int(visual.offheight)
+    finally:
+        env.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checking values: every field's type, then its range, then the combinations of fields.
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a field accepts: from `low` to `high` (None: no upper bound), either end open; `why` follows the
+    upper bound in the message."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    why: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """What `value` must be, or None when it is within the bounds. NaN fails every comparison: each test asks
+        for the good case, so NaN is refused as well."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        low_ok = value > self.low if self.low_open else value >= self.low
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if low_ok and high_ok:
+            return None
+        if not self.integer and self.high is not None:
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"must lie in {opening}{self.low:g}, {self.high:g}{closing}{self.why}"
+        if not low_ok:
+            if self.low == 0:
+                return "must be a positive number" if self.low_open else "must be non-negative"
+            return f"must be at least {self.low:,}"
+        return f"must be at most {self.high:,}{self.why}"
+
+
+def _count(low: int, high: int = MAX_COUNT, why: str = "") -> Bounds:
+    return Bounds(low, high, integer=True, why=why)
+
+
+_POSITIVE = Bounds(0.0, low_open=True)  # learning rates, the temperature
+_NON_NEGATIVE = Bounds(0.0)  # penalty weights (Adam's weight_decay refuses negatives)
+_UNIT = Bounds(0.0, 1.0)  # Polyak rates, the discount
+_ADAM_BETA = Bounds(0.0, 1.0, high_open=True)  # torch.optim.Adam refuses beta1 outside [0, 1)
+_LOG_STD = Bounds(-LOG_STD_LIMIT, LOG_STD_LIMIT, why=", where exp() of it is a finite float32")
+_EPISODE = ", the episode length in simulator steps"
+
+FIELD_BOUNDS: dict[str, Bounds] = {
+    "image_size": _count(1),  # and at most the model's offscreen framebuffer (resolve)
+    "action_repeat": _count(1, EPISODE_ENV_STEPS, _EPISODE),
+    "frame_stack": _count(1, EPISODE_ENV_STEPS, _EPISODE),  # a longer stack only repeats an episode's first frame
+    "num_train_steps": _count(0),
+    "init_steps": _count(0),
+    "eval_freq": _count(1),
+    "num_eval_episodes": _count(0),
+    "replay_buffer_capacity": _count(1),
+    "batch_size": _count(1),  # the memory an update needs is checked before training (sacae.placement)
+    "hidden_dim": _count(1),
+    "encoder_feature_dim": _count(1),
+    "num_layers": _count(1),
+    "num_filters": _count(1),
+    "critic_lr": _POSITIVE,
+    "critic_beta": _ADAM_BETA,
+    "critic_tau": _UNIT,
+    "critic_target_update_freq": _count(1),
+    "discount": _UNIT,
+    "actor_lr": _POSITIVE,
+    "actor_beta": _ADAM_BETA,
+    "actor_log_std_min": _LOG_STD,
+    "actor_log_std_max": _LOG_STD,
+    "actor_update_freq": _count(1),
+    "init_temperature": _POSITIVE,
+    "alpha_lr": _POSITIVE,
+    "alpha_beta": _ADAM_BETA,
+    "encoder_lr": _POSITIVE,
+    "encoder_tau": _UNIT,
+    "decoder_lr": _POSITIVE,
+    "decoder_update_freq": _count(1),
+    "decoder_latent_lambda": _NON_NEGATIVE,
+    "decoder_weight_lambda": _NON_NEGATIVE,
+    "seed": _count(0, MAX_SEED, " = 2**32 - 1, the largest seed numpy's RandomState takes"),
+    "num_threads": _count(1, MAX_THREADS),
+    "checkpoint_every": _count(0, MAX_COUNT * EPISODE_ENV_STEPS),  # environment steps
+}
+# Fields not listed: integers within int64 (what numpy and torch store), floats finite.
+_INT64 = Bounds(-(2**63), 2**63 - 1, integer=True, why=" (a 64-bit integer)")
+_FINITE = Bounds(-math.inf, math.inf)
+# Text fields that name something and so cannot be empty (an empty folder name would mean the current folder).
+NON_EMPTY_FIELDS = ("work_dir", "resume", "device")
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """Each TrainConfig field's type, evaluated (the annotations are strings in this module)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    """The alternatives of a union type (X | None), or the type itself."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether `value`, as JSON gives it, is of type `tp` (bool is not an int here, an int is a float)."""
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, member) for member in args)
+    if origin is Literal:
+        return any(type(value) is type(choice) and value == choice for choice in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is dict:
+        key_type, value_type = args or (Any, Any)
+        return isinstance(value, dict) and all(
+            _matches(k, key_type) and _matches(v, value_type) for k, v in value.items()
+        )
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, t) for v, t in zip(value, args, strict=True))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # a typing construct this check does not know: the field's own checks apply
+
+
+def _describe(tp: Any) -> str:
+    """What a value of type `tp` is, in words, for a message."""
+    words = []
+    for member in _members(tp):
+        origin = typing.get_origin(member)
+        if member is type(None):
+            words.append("null")
+        elif member is bool:
+            words.append("true or false")
+        elif member is int:
+            words.append("an integer")
+        elif member is float:
+            words.append("a number")
+        elif member is str:
+            words.append("a string")
+        elif origin is Literal:
+            words.append("one of " + ", ".join(json.dumps(choice) for choice in typing.get_args(member)))
+        elif origin is dict:
+            words.append("an object")
+        elif origin in (list, tuple):
+            words.append("a list")
+        else:
+            words.append(getattr(member, "__name__", str(member)))
+    return " or ".join(words)
+
+
+def _type_mismatch(value: Any, tp: Any) -> str | None:
+    """None when `value` is of type `tp`, else what it should be, in words."""
+    return None if _matches(value, tp) else _describe(tp)
+
+
+def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
+    """`value` (of type `tp`) as the field holds it: a JSON integer in a float field becomes a float, a JSON list in
+    a tuple field a tuple. The second item says what the value must be when it cannot be converted."""
+    members = _members(tp)
+    if isinstance(value, int) and not isinstance(value, bool) and float in members and int not in members:
+        try:
+            return float(value), None
+        except OverflowError:  # beyond the largest float
+            return value, "a finite number"
+    if isinstance(value, list) and any(typing.get_origin(m) is tuple for m in members):
+        return tuple(value), None
+    return value, None
+
+
+def _shown(value: Any, keys: bool) -> str:
+    """`value` in a message: as JSON in a config file's terms, else as typed on the command line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {len(format(value, 'x'))} hexadecimal digits"  # str() refuses 4,300+ digits
+    try:
+        text = json.dumps(value) if keys or not isinstance(value, (int, float)) else str(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _range_problem(name: str, value: Any) -> str | None:
+    """What the field `name` must be when `value` (of the field's type) is outside what it accepts, else None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not hold a NUL character"
+        if not value and name in NON_EMPTY_FIELDS:
+            return "must not be empty"
+        return None
+    if not isinstance(value, (int, float)):
+        return None
+    return FIELD_BOUNDS.get(name, _INT64 if isinstance(value, int) else _FINITE).problem(value)
+
+
+def validate(cfg: TrainConfig, keys: bool = False) -> None:
+    """Raise SacaeError naming the first impossible value: a field of the wrong type, a value outside what the
+    libraries underneath accept (FIELD_BOUNDS), or a combination that cannot run. It names flags (--name), or the
+    keys of a config.json with `keys`."""
+
+    def flag(name: str) -> str:
+        return name if keys else f"--{name}"
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise SacaeError(message)
 
+    hints = field_types()
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        problem = _type_mismatch(value, hints[f.name])
+        if problem is not None:
+            problem = f"must be {problem}"
+        else:
+            problem = _range_problem(f.name, value)
+        need(problem is None, f"{flag(f.name)} {problem} (got {_shown(value, keys)}).")
+
     need(
         not (cfg.decoder_type == "pixel" and cfg.encoder_type == "identity"),
-        "--decoder_type pixel needs --encoder_type pixel: a state vector has no image to reconstruct "
-        "(use --decoder_type identity for state SAC).",
+        f"{flag('decoder_type')} pixel needs {flag('encoder_type')} pixel: a state vector has no image to reconstruct "
+        f"(use {flag('decoder_type')} identity for state SAC).",
     )
-    need(
-        cfg.action_repeat is not None and cfg.action_repeat >= 1,
-        f"--action_repeat must be at least 1 (got {cfg.action_repeat}).",
-    )
-    need(
-        cfg.action_repeat is None or cfg.action_repeat <= EPISODE_ENV_STEPS,
-        f"--action_repeat must be at most the episode length {EPISODE_ENV_STEPS} (got {cfg.action_repeat}).",
-    )
-    need(cfg.frame_stack >= 1, f"--frame_stack must be at least 1 (got {cfg.frame_stack}).")
-    need(cfg.num_layers >= 1, f"--num_layers must be at least 1 (got {cfg.num_layers}).")
-    need(cfg.num_filters >= 1, f"--num_filters must be at least 1 (got {cfg.num_filters}).")
     if cfg.encoder_type == "pixel":
         side = conv_output_size(cfg.image_size, cfg.num_layers)
         smallest = 2 * (cfg.num_layers - 1) * 2 + 3
         need(
             side >= 1,
-            f"--image_size {cfg.image_size} is too small for {cfg.num_layers} conv layers: "
+            f"{flag('image_size')} {cfg.image_size} is too small for {cfg.num_layers} conv layers: "
             f"the smallest image that fits is {smallest}x{smallest}.",
         )
-    need(cfg.num_train_steps >= 0, f"--num_train_steps must be non-negative (got {cfg.num_train_steps}).")
-    need(cfg.init_steps >= 0, f"--init_steps must be non-negative (got {cfg.init_steps}).")
-    need(cfg.eval_freq >= 1, f"--eval_freq must be at least 1 (got {cfg.eval_freq}).")
-    need(cfg.num_eval_episodes >= 0, f"--num_eval_episodes must be non-negative (got {cfg.num_eval_episodes}).")
-    need(
-        cfg.replay_buffer_capacity >= 1,
-        f"--replay_buffer_capacity must be at least 1 (got {cfg.replay_buffer_capacity}).",
-    )
-    need(cfg.batch_size >= 1, f"--batch_size must be at least 1 (got {cfg.batch_size}).")
-    need(cfg.hidden_dim >= 1, f"--hidden_dim must be at least 1 (got {cfg.hidden_dim}).")
-    need(
-        cfg.encoder_feature_dim >= 1,
-        f"--encoder_feature_dim must be at least 1 (got {cfg.encoder_feature_dim}).",
-    )
-    need(0.0 <= cfg.discount <= 1.0, f"--discount must lie in [0, 1] (got {cfg.discount}).")
-    for name in ("critic_tau", "encoder_tau"):
-        value = getattr(cfg, name)
-        need(0.0 <= value <= 1.0, f"--{name} must lie in [0, 1] (got {value}).")
-    for name in ("actor_update_freq", "critic_target_update_freq", "decoder_update_freq"):
-        value = getattr(cfg, name)
-        need(value >= 1, f"--{name} must be at least 1 (got {value}).")
-    for name in ("critic_lr", "actor_lr", "encoder_lr", "decoder_lr", "alpha_lr"):
-        value = getattr(cfg, name)
-        need(value > 0 and math.isfinite(value), f"--{name} must be a positive number (got {value}).")
-    need(cfg.init_temperature > 0, f"--init_temperature must be positive (got {cfg.init_temperature}).")
     need(
         cfg.actor_log_std_min < cfg.actor_log_std_max,
-        f"--actor_log_std_min ({cfg.actor_log_std_min}) must be below --actor_log_std_max ({cfg.actor_log_std_max}).",
-    )
-    need(
-        cfg.checkpoint_every is None or cfg.checkpoint_every >= 0,
-        f"--checkpoint_every must be non-negative (got {cfg.checkpoint_every}).",
+        f"{flag('actor_log_std_min')} ({cfg.actor_log_std_min}) must be below {flag('actor_log_std_max')} "
+        f"({cfg.actor_log_std_max}).",
     )
     need(not (cfg.force and not cfg.no_resume), "--force only applies with --no_resume (start over).")
+    unknown = [name for name in cfg.trackers if name not in TRACKERS]
+    need(
+        not unknown,
+        f"{flag('logger')} {cfg.logger}: {unknown[0] if unknown else ''} is not a tracker; choose from "
+        f"{', '.join(TRACKERS)}, comma-separated (e.g. --logger tensorboard,wandb).",
+    )
     need(
         not (cfg.resume is not None and cfg.no_resume),
         "--resume RUN_DIR and --no_resume contradict each other; use one.",
     )
     need(
         not (cfg.replay_device == "cuda" and cfg.device == "cpu"),
-        "--replay_device cuda keeps the replay frames on the training GPU, but --device is cpu; use --device cuda "
-        "(or auto) or --replay_device host.",
-    )
-    need(
-        cfg.num_threads is None or cfg.num_threads >= 1,
-        f"--num_threads must be at least 1 (got {cfg.num_threads}).",
+        f"{flag('replay_device')} cuda keeps the replay frames on the training GPU, but {flag('device')} is cpu; use "
+        f"{flag('device')} cuda (or auto) or {flag('replay_device')} host.",
     )

@@ -1,4 +1,5 @@
-"""DeepMind Control Suite tasks behind a Gymnasium-style API: rescaled actions, action repeat, frame stacking.
+"""DeepMind Control Suite tasks behind a Gymnasium-style API: rescaled actions, action repeat, frame stacking; and
+`make_env`, which builds the environment a configuration names (a suite task, or a Gymnasium one: `gym_env`).
 
 Rendering is headless: unless the user chose a backend, MUJOCO_GL is set to egl (osmesa where EGL is missing)
 before dm_control is imported.
@@ -67,6 +68,14 @@ def all_task_names() -> list[str]:
     return sorted(f"{domain}_{task}" for domain, task in suite.ALL_TASKS)
 
 
+def task_summary() -> str:
+    """Every suite task, by domain: 'acrobot: swingup, swingup_sparse; ball_in_cup: catch; ...'."""
+    by_domain: dict[str, list[str]] = {}
+    for domain, task in suite.ALL_TASKS:
+        by_domain.setdefault(domain, []).append(task)
+    return "; ".join(f"{d}: {', '.join(sorted(ts))}" for d, ts in sorted(by_domain.items()))
+
+
 def split_task_name(name: str, domain: str | None = None, task: str | None = None) -> tuple[str, str]:
     """Turn 'ball_in_cup_catch' into ('ball_in_cup', 'catch'); raise SacaeError listing the valid tasks."""
     if domain is not None and task is not None and (domain, task) in suite.ALL_TASKS:
@@ -128,6 +137,7 @@ class DMCEnv:
         # the actions taken since.
         self._episode_random: tuple | None = None
         self._episode_actions: list[np.ndarray] = []
+        self.episode_env_steps = 0  # simulator steps of the episode in progress (or just ended)
         if pixels:
             frame = self._render_checked()
             self.spec = EnvSpec(
@@ -173,6 +183,7 @@ class DMCEnv:
             self.task_random.seed(seed)
         self._episode_random = self.task_random.get_state()
         self._episode_actions = []
+        self.episode_env_steps = 0
         time_step = self._env.reset()
         return self._first_observation(time_step), {}
 
@@ -203,6 +214,7 @@ class DMCEnv:
         for _ in range(self.action_repeat):
             time_step = self._env.step(scaled)
             reward += time_step.reward or 0.0
+            self.episode_env_steps += 1
             if time_step.last():
                 break
         return time_step, reward
@@ -247,8 +259,20 @@ class DMCEnv:
         self._env.close()
 
 
-def make_env(cfg, seed: int) -> DMCEnv:
-    """The environment a TrainConfig describes."""
+def make_env(cfg, seed: int):
+    """The environment a TrainConfig describes: a DMCEnv, or a GymnasiumEnv for `--env gymnasium:<id>`."""
+    if cfg.env is not None:
+        from sacae.gym_env import GymnasiumEnv, gymnasium_id, parse_env_kwargs
+
+        return GymnasiumEnv(
+            gymnasium_id(cfg.env),
+            seed=seed,
+            env_kwargs=parse_env_kwargs(cfg.env_kwargs),
+            pixels=cfg.pixels,
+            image_size=cfg.image_size,
+            action_repeat=cfg.action_repeat,
+            frame_stack=cfg.frame_stack,
+        )
     return DMCEnv(
         cfg.domain_name,
         cfg.task_name,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -38,8 +36,8 @@ from sacae.networks import MEMORY_FORMAT, tanh_gaussian
 from sacae.placement import MEMORY_RESERVE_BYTES, available_memory_bytes, replay_transitions
 from sacae.process import configure_process, describe_session
 from sacae.replay import Batch, ReplayBuffer
-from sacae.rundir import RUN_OUTPUTS, read_status
-from sacae.storage import check_writable, save_torch_atomic, write_text_atomic
+from sacae.rundir import RUN_OUTPUTS, WorkDirLock, foreign_entries, is_run, remove_outputs, run_finished, write_status
+from sacae.storage import check_writable, save_torch_atomic, write_text_atomic, writing
 from sacae.trainer import (
     STOP_SIGNALS,
     eval_seed,
@@ -556,6 +554,12 @@ def check_multiseed_config(cfg: TrainConfig, seeds: Sequence[int]) -> None:
         raise SacaeError("Multi-seed training does not overlap updates with environment steps; drop --overlap on.")
     if getattr(cfg, "replay_device", "host") == "cuda":
         raise SacaeError("Multi-seed runs keep the replay frames in host memory; drop --replay_device cuda.")
+    trackers = [name for name in getattr(cfg, "trackers", ()) if name != "tensorboard"]
+    if trackers:
+        raise SacaeError(
+            f"Multi-seed runs log to TensorBoard only; drop --logger {trackers[0]} (or train each seed with "
+            f"`sacae train`)."
+        )
 
 
 class MultiSeedTrainer:
@@ -580,8 +584,15 @@ class MultiSeedTrainer:
             work_dir.mkdir(parents=True, exist_ok=True)
             run_cfg = dataclasses.replace(cfg, seed=seed, work_dir=os.fspath(work_dir))
             self.runs.append(SeedRun(run_cfg, check_writable(work_dir)))
-        # Every folder is checked before any is touched, and nothing is removed before the runs are built.
-        start_over = [self._may_start_over(run) for run in self.runs]
+        # One writer per seed folder, as for a single run, held until the run ends.
+        self.locks: list[WorkDirLock] = []
+        try:
+            self.locks += [WorkDirLock(run.work_dir) for run in self.runs]
+            # Every folder is checked before any is touched, and nothing is removed before the runs are built.
+            start_over = [self._may_start_over(run) for run in self.runs]
+        except BaseException:
+            self.release()
+            raise
 
         agents, generators = [], []
         for run in self.runs:
@@ -605,8 +616,9 @@ class MultiSeedTrainer:
         for run, remove in zip(self.runs, start_over, strict=True):
             if remove:
                 self._remove_outputs(run.work_dir)
-            write_text_atomic(run.work_dir / "config.json", run.cfg.to_json())
-            run.logger = Logger(run.work_dir, save_tb=cfg.save_tb, console=console)
+            with writing(run.work_dir / "config.json", "the run's configuration"):
+                write_text_atomic(run.work_dir / "config.json", run.cfg.to_json())
+            run.logger = Logger(run.work_dir, save_tb=cfg.save_tb, console=console, trackers=cfg.trackers)
             run.logger.console_write = self._console(run, console)
             run.video = VideoRecorder(run.work_dir / "video" if cfg.save_video else None)
             if cfg.save_model:
@@ -628,29 +640,35 @@ class MultiSeedTrainer:
         """True when the seed's folder holds a run that --no_resume (and --force when finished) lets us discard;
         False when it holds none; SacaeError otherwise."""
         work, cfg = run.work_dir, self.cfg
-        holds_run = (work / "config.json").exists() or any(
+        holds_run = is_run(work) or any(
             (work / name).exists() and (work / name).stat().st_size > 0 for name in ("train.log", "eval.log")
         )
         if not holds_run:
+            foreign = foreign_entries(work)
+            if foreign:
+                raise SacaeError(
+                    f"{work} holds files but no config.json: it is not a sacae run (it holds {', '.join(foreign[:6])}) "
+                    f"and sacae only writes into a new, empty or run folder; choose another --runs_dir."
+                )
             return False
         if not cfg.no_resume:
             raise SacaeError(
                 f"{work} holds a run, and multi-seed runs cannot resume one; add --no_resume to start over there "
                 f"(or choose another --runs_dir)."
             )
-        status = read_status(work)
-        if status is not None and status.get("state") == "finished" and not cfg.force:
+        finished = run_finished(work)
+        if finished is None and not cfg.force:
+            raise SacaeError(
+                f"{work} holds a run whose state cannot be read (no readable checkpoint or status.json), so it may "
+                f"be finished; add --force to discard it and start over."
+            )
+        if finished and not cfg.force:
             raise SacaeError(f"{work} holds a finished run; add --force to discard it and start over.")
         return True
 
     @staticmethod
     def _remove_outputs(work_dir: Path) -> None:
-        for name in (*RUN_OUTPUTS, "config.json"):
-            path = work_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove_outputs(work_dir, (*RUN_OUTPUTS, "config.json"))
 
     def _check_memory(self, spec) -> int:
         """Bytes the N replay buffers need; SacaeError before training if this machine cannot hold them."""
@@ -719,6 +737,12 @@ class MultiSeedTrainer:
             self.progress.close()
             for run in self.runs:
                 run.logger.close()
+            self.release()
+
+    def release(self) -> None:
+        """Let other processes train in the seed folders."""
+        for lock in self.locks:
+            lock.release()
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
@@ -807,7 +831,7 @@ class MultiSeedTrainer:
             "duration": duration,
             "episode_reward": run.episode_reward,
             **metrics,
-            "env_steps_per_second": (self.cfg.episode_agent_steps * self.cfg.action_repeat) / max(duration, 1e-9),
+            "env_steps_per_second": run.env.episode_env_steps / max(duration, 1e-9),
         }
         run.logger.log("train", row)
         self.write_status("running", runs=[run])
@@ -880,7 +904,9 @@ class MultiSeedTrainer:
                 "networks": state["networks"],
                 "log_alpha": state["log_alpha"],
             }
-            save_torch_atomic(snapshot, run.work_dir / "model" / f"{self.env_steps}.pt")
+            path = run.work_dir / "model" / f"{self.env_steps}.pt"
+            with writing(path, "a snapshot of the networks"):
+                save_torch_atomic(snapshot, path)
 
     def write_status(self, state: str, message: str = "", runs: Sequence[SeedRun] | None = None) -> None:
         """Each seed's status.json, in the format `sacae status` and `sacae report` read."""
@@ -903,7 +929,7 @@ class MultiSeedTrainer:
                     {**self.session, "from_env_steps": 0, "to_env_steps": self.env_steps, "seconds": round(elapsed, 1)}
                 ],  # fmt: skip
             }
-            write_text_atomic(run.work_dir / "status.json", json.dumps(status, indent=2) + "\n")
+            write_status(run.work_dir, status)
 
 
 def train_seeds(cfg: TrainConfig, seeds: Sequence[int], runs_dir: str | Path = "runs") -> None:

@@ -81,7 +81,7 @@ class Run:
 
     path: Path
     task: str
-    """domain_task, e.g. cartpole_swingup."""
+    """The run's env name: domain_task (e.g. cartpole_swingup), or gymnasium-<id> (e.g. gymnasium-Pendulum-v1)."""
     configuration: str
     """The configuration's folder name (runs/<task>/<configuration>/seed_<i>), e.g. sac_ae."""
     method: str
@@ -263,7 +263,10 @@ def _load_run(run_dir: Path, config: dict[str, Any]) -> tuple[Run, list[str]]:
     status, status_problem = check_status(run_dir)
     run = Run(
         path=run_dir,
-        task=f"{config['domain_name']}_{config['task_name']}",
+        # The trainer's own name for the environment: a Gymnasium run's config also holds the default domain/task.
+        task=TrainConfig(
+            domain_name=config["domain_name"], task_name=config["task_name"], env=config.get("env")
+        ).env_name,
         configuration=run_dir.parent.name if is_seed_dir else method,
         method=method,
         seed=run_dir.name if is_seed_dir else f"seed_{config.get('seed', '?')}",

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import tyro
 
+from sacae.config import TrainConfig
 from sacae.errors import SacaeError
 from sacae.logger import count
 from sacae.rundir import check_config, check_status, read_log
@@ -92,14 +93,17 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def run_labels(run_dir: Path) -> tuple[str, str, str]:
-    """(task, configuration, seed) from the layout <task>/<configuration>/seed_<i>, else from config.json."""
+    """(task, configuration, seed) from the layout <task>/<configuration>/seed_<i>, else from config.json (the task
+    is the run's env name: cartpole_swingup, or gymnasium-Pendulum-v1)."""
     match = re.fullmatch(r"seed_(\d+)", run_dir.name)
     if match:
         return run_dir.parent.parent.name, run_dir.parent.name, match.group(1)
     cfg = check_config(run_dir)[0]
     if cfg is None:  # damaged, or without its task
         return run_dir.name, "?", "?"
-    return f"{cfg['domain_name']}_{cfg['task_name']}", str(cfg.get("configuration", "?")), str(cfg.get("seed", "?"))
+    # The trainer's own name for the environment: a Gymnasium run's config also holds the default domain and task.
+    task = TrainConfig(domain_name=cfg["domain_name"], task_name=cfg["task_name"], env=cfg.get("env")).env_name
+    return task, str(cfg.get("configuration", "?")), str(cfg.get("seed", "?"))
 
 
 def last_error_line(run_dir: Path) -> str:

@@ -1,5 +1,6 @@
 """Launching sweeps: one training run per task and seed, in RUNS_DIR/<task>/<configuration>/seed_<i>/, on Slurm or
-on this machine.
+on this machine. A task is a dm_control DOMAIN_TASK or a Gymnasium environment, gymnasium:<id>, whose folder is the
+run's env name (gymnasium-<id>).
 
 Each run folder gets its exact training command (run.sh), its Slurm script (run.slrm, Slurm runs only), the job
 id (id: the Slurm job id, or the process id of a local run) and the job's stdout and stderr, beside what training
@@ -32,7 +33,7 @@ from sacae.errors import SacaeError
 from sacae.rundir import check_config, check_status, read_status, shown
 
 # Training flags a sweep sets itself for each run (or that would defeat resuming), in their underscore spelling.
-SWEEP_FLAGS = ("task", "domain_name", "task_name", "seed", "work_dir", "resume", "no_resume", "force")
+SWEEP_FLAGS = ("task", "env", "domain_name", "task_name", "seed", "work_dir", "resume", "no_resume", "force")
 
 # What an `id` file holds: a Slurm job id (an array task's too, 123_4) or the process id of a local run.
 JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
@@ -49,7 +50,8 @@ LIVE_SLURM_STATES = frozenset(
 )  # fmt: skip
 
 # Memory a run needs beside its replay buffer (networks, PyTorch, MuJoCo, the environments), and the replay bytes
-# per transition of a state run (an upper bound over the dm_control tasks, next observation included).
+# per transition of a state run (an upper bound over the dm_control tasks and Gymnasium's MuJoCo environments,
+# Humanoid's 348 numbers included, next observation included).
 RUN_BASE_BYTES = 2 * 1024**3
 STATE_TRANSITION_BYTES = 2048
 
@@ -58,23 +60,26 @@ STATE_TRANSITION_BYTES = 2048
 class SweepArgs:
     """Start one training run per task and seed, on Slurm (sbatch) or on this machine.
 
-    Training flags go after `--`, e.g. `sacae sweep --tasks walker_walk --num_seeds 10 -- --encoder_type identity
-    --decoder_type identity`. Each run goes to RUNS_DIR/<task>/<configuration>/seed_<i>/, where the configuration
-    (sac_ae, sac_pixel, sac_states) follows from the training flags. Running the same sweep again skips finished
-    runs, leaves queued or running ones alone and resumes the others.
+    Training flags go after `--`, e.g. `sacae sweep --tasks walker_walk gymnasium:Pendulum-v1 --num_seeds 10 --
+    --encoder_type identity --decoder_type identity`. Each run goes to RUNS_DIR/<task>/<configuration>/seed_<i>/
+    (<task> is gymnasium-<id> for gymnasium:<id>), where the configuration (sac_ae, sac_pixel, sac_states) follows
+    from the training flags. Running the same sweep again skips finished runs, leaves queued or running ones alone
+    and resumes the others.
     """
 
     tasks: tuple[str, ...]
-    """Tasks as DOMAIN_TASK, e.g. walker_walk cheetah_run ball_in_cup_catch."""
+    """dm_control tasks as DOMAIN_TASK (e.g. walker_walk ball_in_cup_catch) and Gymnasium environments as
+    gymnasium:<id> (e.g. gymnasium:Pendulum-v1, trained with `sacae train --env gymnasium:<id>`)."""
     train_args: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="-- TRAIN_FLAGS")] = ()
-    """Flags of `sacae train` for every run, after `--` (all but --task, --seed and --work_dir, which the sweep
-    sets)."""
+    """Flags of `sacae train` for every run, after `--` (all but --task, --env, --seed and --work_dir, which the
+    sweep sets); --env_kwargs goes to every run, so its tasks must all be Gymnasium environments."""
     num_seeds: int = 10
     """Seeds 1 to NUM_SEEDS."""
     seeds: tuple[int, ...] | None = None
     """These seeds instead of 1 to NUM_SEEDS."""
     runs_dir: str = "./runs"
-    """Folder that holds <task>/<configuration>/seed_<i>/."""
+    """Folder that holds <task>/<configuration>/seed_<i>/ (a sweep of the same environment with other --env_kwargs
+    needs a folder of its own)."""
     executor: Literal["auto", "slurm", "local"] = "auto"
     """slurm: one sbatch job per run; local: the runs as processes on this machine, a few at a time, while the
     sweep waits in the foreground; auto: slurm when sbatch is on PATH, else local."""
@@ -112,6 +117,7 @@ class RunPlan:
     """One run of a sweep: where it lives and the exact command that trains (and resumes) it."""
 
     task: str
+    """The run's env name, its folder under RUNS_DIR: walker_walk, or gymnasium-Pendulum-v1."""
     configuration: str
     seed: int
     run_dir: Path
@@ -178,6 +184,21 @@ def sacae_command() -> list[str]:
     return [sys.executable, "-m", "sacae.cli"]
 
 
+def task_config(base: TrainConfig, task: str) -> tuple[TrainConfig, tuple[str, str]]:
+    """The resolved configuration of the sweep's runs of `task` (DOMAIN_TASK or gymnasium:<id>), and the training
+    flag that names it (--task or --env)."""
+    from sacae.gym_env import PREFIX  # imported lazily: it imports dm_control (for the rendering backend)
+
+    if task.startswith(PREFIX):
+        return resolve(dataclasses.replace(base, env=task)), ("--env", task)
+    if base.env_kwargs is not None:
+        raise SacaeError(
+            f"--env_kwargs goes to every run of the sweep, and {task} is a dm_control task; sweep the Gymnasium "
+            "environments that take it on their own."
+        )
+    return resolve(dataclasses.replace(base, task=task)), ("--task", task)
+
+
 def plan_sweep(args: SweepArgs, cwd: Path | None = None) -> list[RunPlan]:
     """Every run of the sweep, in task then seed order; SacaeError for a bad task, flag or seed."""
     if not args.tasks:
@@ -191,12 +212,16 @@ def plan_sweep(args: SweepArgs, cwd: Path | None = None) -> list[RunPlan]:
     runs_dir = ((cwd or Path.cwd()) / args.runs_dir).resolve()
     exe = sacae_command()
     plans = []
+    folders: dict[str, str] = {}  # env name -> the task that named it
     for task in dict.fromkeys(args.tasks):
-        cfg = resolve(dataclasses.replace(base, task=task))
+        cfg, env_flag = task_config(base, task)
+        name = cfg.env_name
+        if folders.setdefault(name, task) != task:
+            raise SacaeError(f"--tasks {folders[name]} and {task} would share the run folders {name}/; give one.")
         for seed in seeds:
-            run_dir = runs_dir / task / cfg.configuration / f"seed_{seed}"
-            command = (*exe, "train", "--task", task, *args.train_args, "--seed", str(seed), "--work_dir", str(run_dir))
-            plans.append(RunPlan(task, cfg.configuration, seed, run_dir, command, dataclasses.replace(cfg, seed=seed)))
+            run_dir = runs_dir / name / cfg.configuration / f"seed_{seed}"
+            command = (*exe, "train", *env_flag, *args.train_args, "--seed", str(seed), "--work_dir", str(run_dir))
+            plans.append(RunPlan(name, cfg.configuration, seed, run_dir, command, dataclasses.replace(cfg, seed=seed)))
     return plans
 
 

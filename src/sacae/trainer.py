@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import random
-import shutil
 import signal
 import socket
 import sys
@@ -38,8 +36,18 @@ from sacae.logger import Logger, count
 from sacae.placement import check_replay_device, check_replay_fits, replay_transitions
 from sacae.process import configure_process, describe_session
 from sacae.replay import ReplayBuffer
-from sacae.rundir import RUN_OUTPUTS, read_status
-from sacae.storage import check_writable, load_torch, save_torch_atomic, write_text_atomic
+from sacae.rundir import (
+    WorkDirLock,
+    foreign_entries,
+    is_run,
+    read_config,
+    read_status,
+    remove_outputs,
+    run_finished,
+    write_status,
+)
+from sacae.storage import check_writable, load_torch, save_torch_atomic, write_text_atomic, writing
+from sacae.trackers import check_installed
 from sacae.video import VideoRecorder
 
 
@@ -127,6 +135,9 @@ class PendingStep:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# How long a run waits for the work-dir lock of a process on another machine (a requeued Slurm job whose previous
+# node is gone holds its NFS lock until the lease expires, about 90 s on NFSv4).
+LOCK_WAIT_SECONDS = 150.0
 
 
 class Trainer:
@@ -145,9 +156,9 @@ class Trainer:
         self.overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and self.device.type == "cuda")
         self._update_worker: ThreadPoolExecutor | None = None
         configure_process(cfg.num_threads)
-        self.work_dir = check_writable(cfg.work_dir)
-        self.store = CheckpointStore(self.work_dir)
-        self._claim_work_dir()
+        # Every refusal comes before the first write: a refused command leaves the folder as it found it.
+        check_work_dir(cfg, Path(cfg.work_dir))
+        check_installed(cfg.trackers)
 
         seed_everything(cfg.seed)
         self.env = make_env(cfg, seed=cfg.seed)
@@ -160,87 +171,76 @@ class Trainer:
         self.replay: ReplayBuffer | None = None  # made or loaded by _restore, once: it may fill a GPU
         self.action_rng = np.random.default_rng(action_seed)
         self.agent = SacAeAgent(spec.obs_shape, spec.action_dim, cfg, self.device)
-        self.model_dir = self.work_dir / "model"
-        self.video = VideoRecorder(self.work_dir / "video" if cfg.save_video else None)
 
-        self.agent_steps = 0
-        self.episode = 0
-        self.progress = None
-        # The episode in progress (obs is None between episodes) and the evaluation clock.
-        self.obs = None
-        self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
-        self.last_eval: int | None = None
-        self.last_checkpoint: int | None = None
-        self.pending: PendingStep | None = None
-        self.finished = False
-        self.resumed_from: Path | None = None
-        self.resumes = 0
-        self.elapsed_before = 0.0  # training seconds of the earlier sessions of this run
-        self.session_start = time.time()
-        self.earlier_sessions: list[dict[str, Any]] = []  # one record per earlier session (process) of this run
-        self.session = describe_session(self.device)
-        self._stop_signal: int | None = None
+        self.work_dir = check_writable(cfg.work_dir)
+        self.lock = WorkDirLock(self.work_dir, wait_seconds=LOCK_WAIT_SECONDS)
+        try:
+            # Again under the lock: another process may have changed the folder since the first look.
+            start_over = check_work_dir(cfg, self.work_dir)
+        except BaseException:
+            self.lock.release()
+            raise
+        try:
+            if start_over:
+                left = remove_outputs(self.work_dir)
+                if left:
+                    print(f"sacae: starting over in {self.work_dir}; kept what sacae did not write there: "
+                          f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}", file=sys.stderr)  # fmt: skip
+            self.store = CheckpointStore(self.work_dir)
+            self.model_dir = self.work_dir / "model"
+            self.video = VideoRecorder(self.work_dir / "video" if cfg.save_video else None)
 
-        log_sizes = self._restore()
-        self.session["from_env_steps"] = self.env_steps
-        self.reopened_finished_run = self.finished
-        write_text_atomic(self.work_dir / "config.json", cfg.to_json())
-        if cfg.save_model:
-            self.model_dir.mkdir(exist_ok=True)
-        purge = self.env_steps + 1 if self.resumed_from is not None else None
-        self.logger = Logger(self.work_dir, save_tb=cfg.save_tb, console=console, truncate=log_sizes,
-                             purge_step=purge)  # fmt: skip
+            self.agent_steps = 0
+            self.episode = 0
+            self.progress = None
+            # The episode in progress (obs is None between episodes) and the evaluation clock.
+            self.obs = None
+            self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
+            self.last_eval: int | None = None
+            self.last_checkpoint: int | None = None
+            self.pending: PendingStep | None = None
+            self.finished = False
+            self.resumed_from: Path | None = None
+            self.resumes = 0
+            self.elapsed_before = 0.0  # training seconds of the earlier sessions of this run
+            self.session_start = time.time()
+            self.earlier_sessions: list[dict[str, Any]] = []  # one record per earlier session (process) of this run
+            self.session = describe_session(self.device)
+            self._stop_signal: int | None = None
+
+            log_sizes = self._restore()
+            self.session["from_env_steps"] = self.env_steps
+            self.reopened_finished_run = self.finished
+            config_path = self.work_dir / "config.json"
+            with writing(config_path, "the run's configuration"):
+                if not config_path.is_file() or config_path.read_text() != cfg.to_json():
+                    write_text_atomic(config_path, cfg.to_json())
+                if cfg.save_model:
+                    self.model_dir.mkdir(exist_ok=True)
+            purge = self.env_steps + 1 if self.resumed_from is not None else None
+            self.logger = Logger(self.work_dir, save_tb=cfg.save_tb, console=console, truncate=log_sizes,
+                                 purge_step=purge, trackers=cfg.trackers,
+                                 config={**cfg.to_dict(), "configuration": cfg.configuration})  # fmt: skip
+        except BaseException as e:
+            if is_run(self.work_dir) and not isinstance(e, KeyboardInterrupt):
+                with contextlib.suppress(Exception):
+                    status = read_status(self.work_dir) or {}
+                    message = str(e) if isinstance(e, SacaeError) else f"{type(e).__name__}: {e}"
+                    write_status(self.work_dir, {**status, "state": "failed", "message": message, "pid": os.getpid(),
+                                                 "host": socket.gethostname(), "time": time.time()})  # fmt: skip
+            self.lock.release()
+            raise
 
     def _new_replay(self) -> ReplayBuffer:
         return new_replay(self.cfg, self.env, self.device, self._replay_seed, self.replay_placement.frames_device)
-
-    # ---------------------------------------------------------------------------------------------------------
-    def _claim_work_dir(self) -> None:
-        """Decide between a fresh start, a resume and a refusal, from what the work dir holds."""
-        cfg, work = self.cfg, self.work_dir
-        saved_path = work / "config.json"
-        if cfg.no_resume:
-            if self._finished_on_disk() and not cfg.force:
-                raise SacaeError(
-                    f"{work} holds a finished run; add --force to discard it and start over, or choose another "
-                    f"--work_dir."
-                )
-            for name in RUN_OUTPUTS:
-                path = work / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-            return
-        if saved_path.exists():
-            saved = TrainConfig.load(saved_path)
-            differ = [
-                k
-                for k, v in resolve(saved).to_dict().items()
-                if k not in EXECUTION_FIELDS and k != "work_dir" and cfg.to_dict()[k] != v
-            ]
-            if differ:
-                shown = ", ".join(f"--{k} {getattr(saved, k)} (now {getattr(cfg, k)})" for k in differ[:4])
-                raise SacaeError(
-                    f"{work} holds a run with a different configuration ({shown}); run it with its own flags to "
-                    f"resume it (or `sacae train --resume {work}`), add --no_resume to start over there, or choose "
-                    f"another --work_dir."
-                )
-        elif any((work / name).exists() and (work / name).stat().st_size > 0 for name in ("train.log", "eval.log")):
-            raise SacaeError(f"{work} holds logs but no config.json: it is not a sacae run; choose another --work_dir.")
-
-    def _finished_on_disk(self) -> bool:
-        status = read_status(self.work_dir)
-        return status is not None and status.get("state") == "finished"
 
     def _restore(self) -> dict[str, int]:
         """Load the newest readable checkpoint, if any; returns the log sizes to truncate the logs to."""
         loaded = self.store.load_latest(self._new_replay)
         if loaded is None:
             self.replay = self._new_replay()
-            # Nothing to resume from: any outputs of an earlier attempt are rewritten from the start.
-            if self.work_dir.joinpath("tb").is_dir():
-                shutil.rmtree(self.work_dir / "tb")
+            # Nothing to resume from: the TensorBoard events of an earlier attempt are rewritten from the start.
+            remove_outputs(self.work_dir, ("tb",))
             return {"train": 0, "eval": 0}
         state, self.replay = loaded
         self.resumed_from = self.store.states()[0]
@@ -353,11 +353,15 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Stop the update worker and close the logs (run() does this when it ends)."""
+        """Stop the update worker, close the logs and let another process train here (run() does this when it
+        ends)."""
         if self._update_worker is not None:
             self._update_worker.shutdown(wait=True)
             self._update_worker = None
-        self.logger.close()
+        try:
+            self.logger.close(finished=self.finished)
+        finally:
+            self.lock.release()
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
@@ -396,10 +400,7 @@ class Trainer:
                 if self.last_checkpoint != self.agent_steps:
                     self.checkpoint()
             if self.obs is None:
-                self.obs, _ = self.env.reset()
-                self.replay.start_episode(self.obs)
-                self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
-                self.episode += 1
+                self._start_episode()
             if self.agent_steps < cfg.init_steps:
                 action = self.env.sample_action(self.action_rng)
             else:
@@ -408,6 +409,8 @@ class Trainer:
                     self.check_finite(parameters=True)
                     raise NumericalError(f"The policy produced a non-finite action at env step {self.env_steps:,}.")
             self.pending = PendingStep(action, self.updates_at(self.agent_steps))
+        elif self.obs is None:  # resumed inside a step whose episode the environment could not replay
+            self._start_episode()
         pending = self.pending
         in_flight = None
         if self.overlap and pending.updates == 1 and pending.done == 0:
@@ -440,6 +443,12 @@ class Trainer:
             duration = time.time() - self.episode_start - self.eval_seconds
             self._log_train_episode(self.episode_reward, duration)
             self.obs = None
+
+    def _start_episode(self) -> None:
+        self.obs, _ = self.env.reset()
+        self.replay.start_episode(self.obs)
+        self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
+        self.episode += 1
 
     def _launch_update(self) -> Future:
         """Start the step's single update in the worker thread. Its batch is drawn and gathered here first: the
@@ -498,7 +507,7 @@ class Trainer:
             "duration": duration,
             "episode_reward": episode_reward,
             **metrics,
-            "env_steps_per_second": (self.cfg.episode_agent_steps * self.cfg.action_repeat) / max(duration, 1e-9),
+            "env_steps_per_second": self.env.episode_env_steps / max(duration, 1e-9),
         }
         self.logger.log("train", row)
         self.write_status("running")
@@ -545,9 +554,12 @@ class Trainer:
             "episode_rewards": returns,
             "duration": time.time() - start,
         }
-        self.logger.log("eval", row)
+        video_path = self.video.folder / f"{self.env_steps}.mp4" if video is not None and returns else None
+        self.logger.log("eval", row, video=video_path)
         if cfg.save_model:
-            save_snapshot(self.model_dir / f"{self.env_steps}.pt", self)
+            path = self.model_dir / f"{self.env_steps}.pt"
+            with writing(path, "a snapshot of the networks"):
+                save_snapshot(path, self)
 
     # ---------------------------------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
@@ -602,7 +614,7 @@ class Trainer:
             "message": message,
             "sessions": self.sessions(),
         }
-        write_text_atomic(self.work_dir / "status.json", json.dumps(status, indent=2) + "\n")
+        write_status(self.work_dir, status)
 
     def sessions(self) -> list[dict[str, Any]]:
         """Every session (process) that trained this run, this one last: its machine, the env steps it took the run
@@ -620,6 +632,50 @@ class Trainer:
         seconds = time.time() - self.session_start
         done = self.env_steps - self.session["from_env_steps"]
         return round(done / seconds, 3) if done > 0 and seconds > 0 else None
+
+
+def check_work_dir(cfg: TrainConfig, work: Path) -> bool:
+    """Whether training in `work` starts over from nothing (True: remove the outputs of the run there first), or
+    SacaeError when it may not train there at all. Only reads the folder."""
+    if not work.exists():
+        return False
+    if not work.is_dir():
+        raise SacaeError(f"The work dir {work} is a file, not a folder; choose another --work_dir.")
+    if not is_run(work):
+        foreign = foreign_entries(work)
+        if foreign:
+            logs = any(name in foreign for name in ("train.log", "eval.log"))
+            shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+            raise SacaeError(
+                f"{work} holds {'logs' if logs else 'files'} but no config.json: it is not a sacae run (it holds "
+                f"{shown}) and sacae only writes into a new, empty or run folder; choose another --work_dir."
+            )
+        return False
+    if cfg.no_resume:
+        finished = run_finished(work)
+        if finished is None and not cfg.force:
+            raise SacaeError(
+                f"{work} holds a run whose state cannot be read (no readable checkpoint or status.json), so it may "
+                f"be finished; add --force to discard it and start over, or choose another --work_dir."
+            )
+        if finished and not cfg.force:
+            raise SacaeError(
+                f"{work} holds a finished run; add --force to discard it and start over, or choose another --work_dir."
+            )
+        return True
+    saved = TrainConfig.load(work / "config.json")
+    differ = [
+        k
+        for k, v in resolve(saved).to_dict().items()
+        if k not in EXECUTION_FIELDS and k != "work_dir" and cfg.to_dict()[k] != v
+    ]
+    if differ:
+        shown = ", ".join(f"--{k} {getattr(saved, k)} (now {getattr(cfg, k)})" for k in differ[:4])
+        raise SacaeError(
+            f"{work} holds a run with a different configuration ({shown}); run it with its own flags to resume it "
+            f"(or `sacae train --resume {work}`), add --no_resume to start over there, or choose another --work_dir."
+        )
+    return False
 
 
 def load_resume_config(cfg: TrainConfig) -> TrainConfig:
@@ -660,10 +716,33 @@ def save_snapshot(path: Path, trainer: Trainer) -> None:
 
 
 def latest_snapshot(run_dir: Path) -> Path:
-    snapshots = sorted((run_dir / "model").glob("[0-9]*.pt"), key=lambda p: int(p.stem))
+    """The run's newest snapshot, model/<env_steps>.pt; other files there (notes.pt, copies) are not snapshots."""
+    model = run_dir / "model"
+    snapshots = [p for p in model.glob("*.pt") if p.stem.isascii() and p.stem.isdigit() and p.is_file()]
     if not snapshots:
         raise SacaeError(f"{run_dir} has no snapshot in model/; train with --save_model to write them.")
-    return snapshots[-1]
+    return max(snapshots, key=lambda p: int(p.stem))
+
+
+# Settings that shape the networks or the observations: where a snapshot that does not load differs from the run.
+_NETWORK_SETTINGS = ("domain_name", "task_name", "encoder_type", "decoder_type", "image_size", "frame_stack",
+                     "action_repeat", "hidden_dim", "encoder_feature_dim", "num_layers", "num_filters")  # fmt: skip
+
+
+def _snapshot_mismatch(path: Path, state: dict[str, Any], cfg: TrainConfig, run_dir: Path) -> SacaeError:
+    saved = state.get("config")
+    differ = [k for k in _NETWORK_SETTINGS if isinstance(saved, dict) and k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        theirs = ", ".join(f"{k} {saved[k]}" for k in differ)
+        ours = ", ".join(f"{k} {getattr(cfg, k)}" for k in differ)
+        return SacaeError(f"{path} holds the networks of another configuration ({theirs}) than the run in {run_dir} "
+                          f"({ours}); give a snapshot of this run with --snapshot.")  # fmt: skip
+    return SacaeError(f"{path} does not fit the networks of the run in {run_dir}; give a snapshot of this run with "
+                      "--snapshot.")  # fmt: skip
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items())
 
 
 def evaluate_run(
@@ -674,30 +753,38 @@ def evaluate_run(
     device: str = "auto",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Load a run's snapshot, evaluate it and (optionally) write a video; returns a summary row."""
+    """Load a run's snapshot, evaluate it and (optionally) write a video; returns a summary row. A missing or
+    damaged config.json or snapshot, or a snapshot of another configuration, is a SacaeError in one sentence."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SacaeError(f"There is no run directory {run_dir}.")
-    cfg = resolve(TrainConfig.load(run_dir / "config.json"))
+    cfg = resolve(TrainConfig.from_dict(read_config(run_dir)))
     path = Path(snapshot) if snapshot else latest_snapshot(run_dir)
     dev = select_device(device)
     state = load_torch(path, map_location=dev)
-    if not isinstance(state, dict) or "networks" not in state:
+    networks = state.get("networks") if isinstance(state, dict) else None
+    if not isinstance(networks, dict) or not all(_is_tensor_dict(v) for v in networks.values()):
         raise SacaeError(f"{path} is not a sacae snapshot (it has no networks).")
+    if not torch.is_tensor(state.get("log_alpha")):
+        raise SacaeError(f"{path} is not a sacae snapshot (it has no temperature, log_alpha).")
     env = make_env(cfg, seed=seed)
-    agent = SacAeAgent(env.spec.obs_shape, env.spec.action_dim, cfg, dev)
     try:
-        agent.load_state_dict({"networks": state["networks"], "log_alpha": state["log_alpha"]})
-    except (KeyError, RuntimeError) as e:
-        raise SacaeError(f"{path} does not match the run's config ({type(e).__name__}).") from None
+        agent = SacAeAgent(env.spec.obs_shape, env.spec.action_dim, cfg, dev)
+    except (RuntimeError, ValueError) as e:
+        raise SacaeError(f"The networks that {run_dir / 'config.json'} describes cannot be built ({e}).") from None
+    try:
+        agent.load_state_dict({"networks": networks, "log_alpha": state["log_alpha"]})
+    except (KeyError, RuntimeError):
+        raise _snapshot_mismatch(path, state, cfg, run_dir) from None
     video = VideoRecorder(run_dir / "video") if save_video else None
     n = cfg.num_eval_episodes if num_episodes is None else num_episodes
     video_name = f"eval_{path.stem}"
     returns = evaluate_agent(agent, env, n, seed, video, video_name)
     video_path = run_dir / "video" / f"{video_name}.mp4" if video is not None and n > 0 else None
+    env_steps = state.get("env_steps")
     return {
         "snapshot": os.fspath(path),
-        "env_steps": state.get("env_steps"),
+        "env_steps": env_steps if isinstance(env_steps, int) and not isinstance(env_steps, bool) else None,
         "episode_reward": float(np.mean(returns)) if returns else None,
         "episode_rewards": returns,
         "video": os.fspath(video_path) if video_path else None,
