@@ -18,7 +18,7 @@ import torch
 from sacae.cli import main
 from sacae.config import FIELD_BOUNDS, RUN_CONTROL_FIELDS, TrainConfig, field_types, resolve
 from sacae.errors import SacaeError
-from sacae.placement import AgentMemory, agent_memory, check_replay_device, place_replay
+from sacae.placement import AgentMemory, agent_memory, check_agent_fits, check_replay_device, place_replay
 from tests.conftest import run_cli
 
 GB = 10**9
@@ -253,7 +253,6 @@ def test_real_processes_refuse_with_one_sentence(tmp_path):
     (run / "config.json").write_text((run / "config.json").read_text().replace('"seed": 1', '"seed": "3"'))
     cases = {
         "--seed -3": ["train", "--work_dir", str(tmp_path / "a"), "--seed", "-3"],
-        "--critic_beta 2": ["train", "--work_dir", str(tmp_path / "b"), "--critic_beta", "2"],
         "--hidden_dim 10**9": [
             "train",
             "--work_dir",
@@ -273,7 +272,7 @@ def test_real_processes_refuse_with_one_sentence(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("sacae: error: "), (case, result)
         assert "Traceback" not in result.stderr
-    assert not any((tmp_path / name).exists() for name in "abc")
+    assert not any((tmp_path / name).exists() for name in "ac")
     assert "seed must be an integer" in lines[0] and str(run / "config.json") in lines[0]
     assert folder_state(run) == before
 
@@ -409,6 +408,13 @@ def test_networks_that_do_not_fit_are_refused_before_the_replay():
     # On a GPU the networks take GPU memory, so the frames go to host memory when both do not fit there.
     placed = place_replay("auto", cuda, 1000, 10 * GB, 0, host_available=100 * GB, gpu_free=15 * GB, agent=agent)
     assert placed.frames_device == torch.device("cpu")
+
+
+def test_an_agent_alone_is_checked_too():
+    cpu = torch.device("cpu")
+    assert check_agent_fits(TrainConfig(), cpu, (9, 84, 84), 6).largest == "batch_size"
+    with pytest.raises(SacaeError, match=r"The networks and one update need .* lower --hidden_dim\.$"):
+        check_agent_fits(TrainConfig(hidden_dim=10**9), cpu, (9, 84, 84), 6)
 
 
 def test_a_gpu_index_that_is_not_there_is_refused():

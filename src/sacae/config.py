@@ -197,9 +197,9 @@ class TrainConfig:
     steps with the action already chosen: the same math, step for step. auto: on with a CUDA device, off on a CPU,
     where the environment step is about 1% of a pixel agent step (docs/performance.md)."""
     replay_device: Literal["auto", "host", "cuda"] = "auto"
-    """Where the replay frames live. auto: on the training GPU when they fit in its free memory (keeping 4 GB for
-    the networks), else in host memory; host; cuda (the training GPU, or an error). Batches are gathered where the
-    frames are."""
+    """Where the replay frames live. auto: on the training GPU when they fit in its free memory (keeping what the
+    networks and their update need, and 4 GB more), else in host memory; host; cuda (the training GPU, or an
+    error). Batches are gathered where the frames are."""
     checkpoint_every: int | None = None
     """Write a full checkpoint (networks, optimizers, replay, RNGs, counters) every this many ENVIRONMENT steps
     (default: at each evaluation, eval_freq x action_repeat; 0: only at the end and when stopped by a signal)."""

@@ -256,5 +256,24 @@ def check_fits(
     )
 
 
+def check_agent_fits(
+    cfg: TrainConfig, device: torch.device, obs_shape: tuple[int, ...], action_dim: int
+) -> AgentMemory:
+    """The agent's bytes (networks and one update) when they fit on `device` now, else SacaeError naming the flag to
+    lower: for what builds an agent without a replay buffer (evaluating a snapshot)."""
+    agent = agent_memory(cfg, obs_shape, action_dim)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if agent.total > free:
+            raise agent.refusal(f"{device} has {free / 1e9:.1f} GB free")
+        return agent
+    available = available_memory_bytes()
+    if available is not None and agent.total > available - MEMORY_RESERVE_BYTES:
+        raise agent.refusal(
+            f"this machine has {available / 1e9:.1f} GB available (keeping {MEMORY_RESERVE_BYTES / 1e9:.1f} GB free)"
+        )
+    return agent
+
+
 # The name the trainer has called: the same check, now counting the networks too.
 check_replay_fits = check_fits

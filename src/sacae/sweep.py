@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from sacae.config import TrainConfig, resolve
+from sacae.config import MAX_SEED, TrainConfig, resolve
 from sacae.errors import SacaeError
 from sacae.rundir import check_config, check_status, read_status, shown
 
@@ -203,11 +203,16 @@ def plan_sweep(args: SweepArgs, cwd: Path | None = None) -> list[RunPlan]:
     """Every run of the sweep, in task then seed order; SacaeError for a bad task, flag or seed."""
     if not args.tasks:
         raise SacaeError("Give at least one task with --tasks (e.g. --tasks walker_walk).")
+    if args.seeds is None and args.num_seeds > 10_000:
+        raise SacaeError(f"--num_seeds must be at most 10000 (got {args.num_seeds}).")
     seeds = tuple(args.seeds) if args.seeds is not None else tuple(range(1, args.num_seeds + 1))
     if not seeds:
         raise SacaeError(f"--num_seeds must be at least 1 (got {args.num_seeds}).")
     if len(set(seeds)) != len(seeds):
         raise SacaeError(f"--seeds lists a seed twice ({' '.join(map(str, seeds))}).")
+    outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if outside:
+        raise SacaeError(f"Seeds lie in [0, {MAX_SEED}] (numpy's RandomState takes no others); got {outside[0]}.")
     base = parse_train_args(args.train_args)
     runs_dir = ((cwd or Path.cwd()) / args.runs_dir).resolve()
     exe = sacae_command()
