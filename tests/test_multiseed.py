@@ -1,4 +1,4 @@
-"""Multi-seed training: the stacked agent against N single agents (updates, acting, Adam, the unstacked state), and a
+"""Multi-seed training: the group agent against N single agents (updates, acting, Adam, the unstacked state), and a
 short multi-seed run against single-seed runs of the same seeds.
 
 Each seed's random draws are made equal in both paths by giving seed i's single agent the global RNG state of a
@@ -9,23 +9,17 @@ import copy
 import dataclasses
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from sacae.agent import SacAeAgent
+from sacae import agent as agent_module
+from sacae.agent import GroupAgent, SacAeAgent, stack_batches
 from sacae.config import TrainConfig
-from sacae.multiseed import (
-    MultiSeedTrainer,
-    StackedAdam,
-    StackedAgent,
-    check_multiseed_config,
-    stack_batches,
-    updates_at,
-)
+from sacae.multiseed import check_multiseed_config
 from sacae.replay import Batch
+from sacae.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -116,7 +110,7 @@ def assert_close_in_norm(got, expected, rtol, message):
 
 
 def assert_state_matches(state, agent):
-    """A state from StackedAgent.unstack() against a SacAeAgent: parameters, temperature, optimizer states."""
+    """A state from GroupAgent.unstack() against a SacAeAgent: parameters, temperature, optimizer states."""
     expected = agent.state_dict()
     assert state["networks"].keys() == expected["networks"].keys()
     for net, params in expected["networks"].items():
@@ -138,9 +132,9 @@ def assert_state_matches(state, agent):
                 assert_close_in_norm(got["state"][j][k], s[k], 1e-2, (name, j, k))
 
 
-def run_both(singles, steps, check_metrics, grouped_convs=None):
-    """The same updates on a StackedAgent of `singles` and on `singles` themselves; returns the stacked agent."""
-    stacked = StackedAgent(copy.deepcopy(singles), generators(), grouped_convs)
+def run_both(singles, steps, check_metrics):
+    """The same updates on a GroupAgent of `singles` and on `singles` themselves; returns the group agent."""
+    stacked = GroupAgent(copy.deepcopy(singles), generators())
     single_generators = generators()
     for k, step in enumerate(steps):
         batches = [make_batch(a, seed=100 * i + k) for i, a in enumerate(singles)]
@@ -153,22 +147,19 @@ def run_both(singles, steps, check_metrics, grouped_convs=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The stacked agent against single agents
+# The group agent against single agents
 
 
 @pytest.mark.parametrize(
-    ("variant", "image_size", "grouped_convs"),
+    ("variant", "image_size"),
     [
-        ("sac_ae", IMAGE, True),
-        ("sac_ae", IMAGE, False),
-        ("sac_ae", IMAGE + 1, True),  # odd image: the decoder's last layer without output padding
-        ("sac_ae", IMAGE + 1, False),
-        ("sac_pixel", IMAGE, True),
-        ("sac_pixel", IMAGE, False),
-        ("sac_states", IMAGE, None),
+        ("sac_ae", IMAGE),
+        ("sac_ae", IMAGE + 1),  # odd image: the decoder's last layer without output padding
+        ("sac_pixel", IMAGE),
+        ("sac_states", IMAGE),
     ],
 )
-def test_stacked_updates_equal_single_agent_updates(variant, image_size, grouped_convs):
+def test_group_updates_equal_single_agent_updates(variant, image_size):
     singles = make_seeds(variant, image_size, TIGHT_EPS)
     start = copy.deepcopy(singles[0].state_dict()["networks"])
 
@@ -179,7 +170,7 @@ def test_stacked_updates_equal_single_agent_updates(variant, image_size, grouped
             else:
                 assert got[name] == pytest.approx(value, rel=RTOL, abs=1e-6), (where, name)
 
-    stacked = run_both(singles, STEPS, check_metrics, grouped_convs)
+    stacked = run_both(singles, STEPS, check_metrics)
     for state, agent in zip(stacked.unstack(), singles, strict=True):
         assert_state_matches(state, agent)
     # Not vacuous: every network moved, and the seeds stayed different from each other.
@@ -189,8 +180,8 @@ def test_stacked_updates_equal_single_agent_updates(variant, image_size, grouped
     assert not torch.allclose(singles[0].actor.trunk[0].weight, singles[1].actor.trunk[0].weight)
 
 
-@pytest.mark.parametrize(("variant", "grouped_convs"), [("sac_ae", True), ("sac_pixel", False), ("sac_states", None)])
-def test_at_torchs_adam_eps_the_losses_agree_update_by_update(variant, grouped_convs):
+@pytest.mark.parametrize("variant", ["sac_ae", "sac_pixel", "sac_states"])
+def test_at_torchs_adam_eps_the_losses_agree_update_by_update(variant):
     singles = make_seeds(variant)
     assert all(opt.param_groups[0]["eps"] == 1e-8 for opt in singles[0].optimizers().values())
 
@@ -199,7 +190,7 @@ def test_at_torchs_adam_eps_the_losses_agree_update_by_update(variant, grouped_c
             if value is not None:
                 assert got[name] == pytest.approx(value, rel=1e-3, abs=1e-5), (where, name)
 
-    stacked = run_both(singles, STEPS, check_metrics, grouped_convs)
+    stacked = run_both(singles, STEPS, check_metrics)
     # Parameters within the bound of Adam steps (about lr each) that rounding can make differ.
     for state, agent in zip(stacked.unstack(), singles, strict=True):
         for net, params in agent.state_dict()["networks"].items():
@@ -207,10 +198,10 @@ def test_at_torchs_adam_eps_the_losses_agree_update_by_update(variant, grouped_c
                 assert torch.allclose(state["networks"][net][name], p, rtol=0, atol=2 * LR * len(STEPS)), (net, name)
 
 
-@pytest.mark.parametrize(("variant", "grouped_convs"), [("sac_ae", True), ("sac_ae", False), ("sac_states", None)])
-def test_act_equals_single_agents(variant, grouped_convs):
+@pytest.mark.parametrize("variant", ["sac_ae", "sac_states"])
+def test_act_equals_single_agents(variant):
     singles = make_seeds(variant)
-    stacked = StackedAgent(copy.deepcopy(singles), generators(), grouped_convs)
+    stacked = GroupAgent(copy.deepcopy(singles), generators())
     single_generators = generators()
     rng = np.random.default_rng(0)
     if variant == "sac_ae":
@@ -240,16 +231,15 @@ def test_unstacked_state_loads_into_an_agent_that_continues_like_the_single_agen
         assert_state_matches(loaded.state_dict(), singles[i])
 
 
-def test_stacked_adam_is_bit_identical_to_torch_fused_adam_per_seed():
+def test_adam_on_stacked_tensors_is_bit_identical_to_torch_fused_adam_per_seed():
+    """The group's optimizers are torch's fused Adam over the stacked tensors: elementwise, so each seed's slice gets
+    bit for bit what its own optimizer computes."""
     torch.manual_seed(0)
     shapes = [(4, 3), (5,), (2, 3, 3, 3), (1001,), (64, 37)]  # sizes off and on vector widths
     stacked = [torch.randn(N, *s) for s in shapes]
-    # A stacked conv weight laid out channels-last while its gradients come contiguous, as autograd.grad may give
-    # them: the fused kernel must not pair up different elements.
-    stacked.append(torch.randn(N, 8, 4, 3, 3).contiguous(memory_format=torch.channels_last_3d))
     for lr, betas, wd in ((1e-3, (0.9, 0.999), 1e-7), (1e-4, (0.5, 0.999), 0.0)):
-        params = [p.clone(memory_format=torch.preserve_format) for p in stacked]
-        adam = StackedAdam(params, lr, betas, 1e-8, wd)
+        params = [p.clone().requires_grad_(True) for p in stacked]
+        adam = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd, fused=True)
         opts = [
             torch.optim.Adam([p[i].clone().requires_grad_(True) for p in stacked], lr=lr, betas=betas,
                              weight_decay=wd, fused=True)
@@ -257,53 +247,79 @@ def test_stacked_adam_is_bit_identical_to_torch_fused_adam_per_seed():
         ]  # fmt: skip
         for _ in range(5):
             grads = [torch.randn(p.shape) for p in params]
-            adam.step(grads)
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad.clone()
+            adam.step()
             for i, opt in enumerate(opts):
                 for p, grad in zip(opt.param_groups[0]["params"], grads, strict=True):
                     p.grad = torch.empty_like(p).copy_(grad[i])  # as AccumulateGrad lays .grad out
                 opt.step()
         for i, opt in enumerate(opts):
             for p, q in zip(params, opt.param_groups[0]["params"], strict=True):
-                assert torch.equal(p[i], q.detach()), (lr, betas, wd)
+                assert torch.equal(p[i].detach(), q.detach()), (lr, betas, wd)
 
 
-def test_stacked_agent_rejects_mismatched_inputs():
+def test_the_group_runs_the_single_agents_loss_functions(monkeypatch):
+    """One implementation of the math: every loss of a group update comes from the functions the single agent
+    calls, so a change to a loss changes both."""
+    called = []
+    for name in ("critic_loss", "actor_losses", "autoencoder_losses", "conv_features"):
+        original = getattr(agent_module, name)
+
+        def recorded(*args, _original=original, _name=name, **kwargs):
+            called.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(agent_module, name, recorded)
+    singles = make_seeds("sac_ae")
+    group = GroupAgent(copy.deepcopy(singles), generators())
+    called.clear()
+    group.update(stack_batches([make_batch(a, seed=i) for i, a in enumerate(singles)]), 1000)
+    assert called == ["critic_loss", "conv_features", "actor_losses", "autoencoder_losses"]
+    called.clear()
+    singles[0].update(make_batch(singles[0], seed=0), 1000)
+    assert called == ["critic_loss", "conv_features", "actor_losses", "autoencoder_losses"]
+
+
+def test_a_group_that_drops_a_seed_goes_on_like_the_others_alone():
+    singles = make_seeds("sac_ae", adam_eps=TIGHT_EPS)
+    group = GroupAgent(copy.deepcopy(singles), generators())
+    group.keep([0, 2])
+    kept = [singles[0], singles[2]]
+    gens = generators()
+    single_generators = [gens[0], gens[2]]
+    for k, step in enumerate((1001, 1002)):
+        batches = [make_batch(a, seed=100 * i + k) for i, a in enumerate(kept)]
+        group.update(stack_batches(batches), step)
+        for agent, batch, g in zip(kept, batches, single_generators, strict=True):
+            single_update(agent, batch, step, g)
+    assert group.num_seeds == 2
+    for state, agent in zip(group.unstack(), kept, strict=True):
+        assert_state_matches(state, agent)
+
+
+def test_group_agent_rejects_mismatched_inputs():
     singles = make_seeds("sac_states")
     with pytest.raises(ValueError, match="one generator per agent"):
-        StackedAgent(singles, generators()[:2])
+        GroupAgent(singles, generators()[:2])
     other = make_agent("sac_states", seed=5, hidden_dim=16)
     with pytest.raises(ValueError, match="one configuration"):
-        StackedAgent([singles[0], other], generators()[:2])
+        GroupAgent([singles[0], other], generators()[:2])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The multi-seed run
 
 
-def test_update_schedule_is_the_trainers():
-    from sacae.trainer import Trainer
-
-    for seed_updates in ("burst", "spread"):
-        cfg = TrainConfig(init_steps=5, seed_updates=seed_updates)
-        for t in range(15):
-            assert updates_at(cfg, t) == Trainer.updates_at(SimpleNamespace(cfg=cfg), t), (seed_updates, t)
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (dict(checkpoint_every=1000), "--checkpoint_every"),
-        (dict(resume="somewhere"), "--resume"),
-        (dict(precision="bf16"), "fp32"),
-    ],
-)
-def test_unsupported_flags_are_refused(flags, message):
+def test_what_a_group_cannot_do_is_refused():
     from sacae.errors import SacaeError
 
-    with pytest.raises(SacaeError, match=message):
-        check_multiseed_config(TrainConfig(**flags), [1, 2])
+    with pytest.raises(SacaeError, match="same command runs again; drop --resume"):
+        check_multiseed_config(TrainConfig(resume="somewhere"), [1, 2])
     with pytest.raises(SacaeError, match="twice"):
         check_multiseed_config(TrainConfig(), [1, 1])
+    # What the single run offers, a group offers: checkpoints, bf16, overlap.
+    check_multiseed_config(TrainConfig(checkpoint_every=1000, precision="bf16", overlap="on"), [1, 2])
 
 
 TINY = [
@@ -382,12 +398,12 @@ def test_a_seed_folder_holding_a_run_is_refused_unless_started_over(tmp_path):
     (run_dir / "config.json").write_text("{}")
     (run_dir / "train.log").write_text("{}\n")
     with pytest.raises(SacaeError, match="--no_resume"):
-        MultiSeedTrainer(cfg, [1, 2], tmp_path)
+        Trainer(cfg, seeds=[1, 2], runs_dir=tmp_path)
     (run_dir / "status.json").write_text('{"state": "finished"}')
     with pytest.raises(SacaeError, match="--force"):
-        MultiSeedTrainer(dataclasses.replace(cfg, no_resume=True), [1, 2], tmp_path)
-    trainer = MultiSeedTrainer(dataclasses.replace(cfg, no_resume=True, force=True), [1, 2], tmp_path)
+        Trainer(dataclasses.replace(cfg, no_resume=True), seeds=[1, 2], runs_dir=tmp_path)
+    assert not (tmp_path / "point_mass_easy" / "sac_states" / "seed_1").exists()  # refused before any write
+    trainer = Trainer(dataclasses.replace(cfg, no_resume=True, force=True), seeds=[1, 2], runs_dir=tmp_path)
     assert json.loads((run_dir / "config.json").read_text())["seed"] == 2
     assert not (run_dir / "status.json").exists() and (run_dir / "train.log").read_text() == ""
-    for run in trainer.runs:
-        run.logger.close()
+    trainer.close()

@@ -261,6 +261,21 @@ def test_bad_chunk_is_reported_and_the_older_checkpoint_used(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------------------
+def kill_at_random_moments(cmd: list[str], cwd: Path, times: int, seed: int, seconds: tuple[float, float]) -> int:
+    """Start `cmd` `times` times, SIGKILLing each process after a random number of `seconds` unless it ended first;
+    returns how many were killed."""
+    rng, kills = random.Random(seed), 0
+    for _ in range(times):
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(*seconds))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+    return kills
+
+
 @pytest.mark.slow
 def test_killed_at_twenty_random_moments_is_identical(tmp_path):
     """SIGKILL from outside at 20 random moments of one run (each process lives a random 2-12 s), then the same
@@ -269,16 +284,7 @@ def test_killed_at_twenty_random_moments_is_identical(tmp_path):
     reference, work = tmp_path / "reference", tmp_path / "run"
     assert train(reference, extra=longer).returncode == 0
     cmd = [sys.executable, "-m", "sacae.cli", *TINY, *longer, "--work_dir", str(work)]
-    rng, kills = random.Random(7), 0
-    for _ in range(20):
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(2, 12))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            kills += 1
+    assert kill_at_random_moments(cmd, tmp_path, times=20, seed=7, seconds=(2, 12)) == 20
     result = train(work, extra=longer)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert kills == 20
     assert_same_run(work, reference)

@@ -149,13 +149,16 @@ class CheckpointStore:
                     p.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------------------------------------------
-    def load_latest(self, replay_factory) -> tuple[dict[str, Any], ReplayBuffer] | None:
+    def load_latest(self, replay_factory, at_most: int | None = None) -> tuple[dict[str, Any], ReplayBuffer] | None:
         """The newest readable checkpoint as (state, replay buffer), or None when there is none.
 
         `replay_factory()` makes an empty buffer of the run's shape. A damaged checkpoint (state file or one of
-        its chunks) is reported on stderr and the previous one is tried; if none can be read, SacaeError.
+        its chunks) is reported on stderr and the previous one is tried; if none can be read, SacaeError. With
+        `at_most`, only checkpoints of at most that many agent steps count (a group of seeds resumes from a step
+        that every seed has), and the newer ones are deleted once one is loaded: the run continues from before them.
         """
-        states = self.states()
+        newer = [p for p in self.states() if at_most is not None and step_of(p) > at_most]
+        states = [p for p in self.states() if p not in newer]
         if not states:
             return None
         self._remove_temporaries()
@@ -175,6 +178,8 @@ class CheckpointStore:
             for damaged in states[: states.index(path)]:
                 # Kept for inspection, out of the way of the checkpoints this run writes from here on.
                 damaged.replace(damaged.with_name(damaged.name + ".damaged"))
+            for later in newer:
+                later.unlink(missing_ok=True)
             self.chunks = [Chunk(n, (f0, f1), (t0, t1)) for n, f0, f1, t0, t1 in state["replay_chunks"]]
             self._kept_chunks = [{c.name for c in self.chunks}]
             return state, replay
@@ -212,6 +217,11 @@ class CheckpointStore:
             raise SacaeError(f"The replay chunk {path} of the checkpoint is missing.") from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise SacaeError(f"The replay chunk {path} is damaged ({type(e).__name__}: {e}).") from None
+
+
+def step_of(path: Path) -> int:
+    """The agent steps of a state file, from its name."""
+    return int(STATE_RE.fullmatch(path.name).group(1))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ class TrainSeedsArgs(TrainConfig):
     """Train several seeds of one configuration in one process (one GPU): each seed has its own environments,
     replay buffer, random streams and run folder, RUNS_DIR/<task>/<configuration>/seed_<i>/, and computes what its
     own `sacae train` run computes, up to float rounding; the seeds' networks are stacked so that each kernel serves
-    all of them. No checkpoints: an interrupted run starts over (--no_resume). See docs/multiseed.md.
+    all of them. Running the same command again resumes the seeds; a seed that fails stops alone (exit status 3
+    only when every seed failed). See docs/multiseed.md.
     """
 
     seed: tyro.conf.Suppress[int] = 1
@@ -60,9 +61,9 @@ def train(cfg: TrainConfig) -> None:
 
 
 def train_seeds(args: TrainSeedsArgs) -> None:
-    from sacae.multiseed import train_seeds as train_stacked
+    from sacae.multiseed import train_seeds as train_group
 
-    train_stacked(args, args.seeds, args.runs_dir)
+    train_group(args, args.seeds, args.runs_dir)
 
 
 def evaluate(args: EvalArgs) -> None:

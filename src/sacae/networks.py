@@ -8,6 +8,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C._functorch import is_batchedtensor
 
 from sacae.config import conv_output_size
 
@@ -69,6 +70,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.device.type == "cpu"
+            and not is_batchedtensor(x)  # under torch.vmap (a group of seeds) the plain product batches itself
+            and not is_batchedtensor(self.weight)
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
@@ -96,6 +99,8 @@ def weight_init(m: nn.Module) -> None:
 def normalise_frames(obs: torch.Tensor) -> torch.Tensor:
     """uint8 frames as the conv stack takes them: float32 in [0, 1] (x / 255), channels-last. Floating-point frames
     are taken as normalised already, so that an update can normalise a batch once for all the passes over it."""
+    if is_batchedtensor(obs):  # torch.vmap over seeds has no memory formats
+        return obs if obs.is_floating_point() else obs.float().div_(255.0)
     if obs.is_floating_point():
         return obs.contiguous(memory_format=MEMORY_FORMAT)
     # Reordered as uint8, a quarter of the bytes of the float copy; x / 255 is the same whatever the layout.
@@ -177,7 +182,8 @@ class PixelDecoder(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.fc(h)).view(-1, self.num_filters, self.side, self.side)
-        x = x.contiguous(memory_format=MEMORY_FORMAT)
+        if not is_batchedtensor(x):  # torch.vmap over seeds has no memory formats
+            x = x.contiguous(memory_format=MEMORY_FORMAT)
         for deconv in self.deconvs[:-1]:
             x = torch.relu(deconv(x))
         return self.deconvs[-1](x)
@@ -216,8 +222,8 @@ def tanh_gaussian(
     noise: torch.Tensor | None = None,
 ):
     """The policy from the actor trunk's output (mean and log-std along the last axis): (tanh(mu), tanh(pi), log_pi,
-    log_std). pi = mu + noise * std with standard normal `noise`, drawn from the global torch RNG unless given (the
-    multi-seed agent draws each seed's from its own generator)."""
+    log_std). pi = mu + noise * std with standard normal `noise`, drawn from the global torch RNG unless given (a group
+    of seeds draws each seed's from its own generator)."""
     mu, log_std = out.chunk(2, dim=-1)
     log_std = torch.tanh(log_std)
     log_std = log_std_min + 0.5 * (log_std_max - log_std_min) * (log_std + 1)
@@ -239,10 +245,16 @@ class Actor(nn.Module):
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.trunk = mlp(encoder.feature_dim, hidden_dim, 2 * action_dim)
 
-    def policy(self, features: torch.Tensor, compute_pi: bool = True, compute_log_pi: bool = True):
-        """(tanh(mu), tanh(pi), log_pi, log_std) from features; pi uses the global torch RNG."""
+    def policy(
+        self,
+        features: torch.Tensor,
+        compute_pi: bool = True,
+        compute_log_pi: bool = True,
+        noise: torch.Tensor | None = None,
+    ):
+        """(tanh(mu), tanh(pi), log_pi, log_std) from features; pi uses `noise`, or the global torch RNG."""
         out = self.trunk(features)
-        return tanh_gaussian(out, self.log_std_min, self.log_std_max, compute_pi, compute_log_pi)
+        return tanh_gaussian(out, self.log_std_min, self.log_std_max, compute_pi, compute_log_pi, noise)
 
     def forward(
         self,
@@ -250,8 +262,9 @@ class Actor(nn.Module):
         compute_pi: bool = True,
         compute_log_pi: bool = True,
         detach_encoder: bool = False,
+        noise: torch.Tensor | None = None,
     ):
-        return self.policy(self.encoder(obs, detach=detach_encoder), compute_pi, compute_log_pi)
+        return self.policy(self.encoder(obs, detach=detach_encoder), compute_pi, compute_log_pi, noise)
 
 
 class QFunction(nn.Module):

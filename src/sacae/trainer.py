@@ -1,4 +1,5 @@
-"""The training loop: collect, update every agent step after the seed phase, evaluate every `eval_freq` steps.
+"""The training loop of a group of N >= 1 seeds in lockstep (`sacae train` is N = 1): collect, update every agent
+step after the seed phase, evaluate every `eval_freq` steps, checkpoint every seed.
 
 The loop follows the authors' release step by step (pick a_t, run the update(s) of step t on the replay as it
 stands, step the environment with a_t, store the transition) and counts both clocks explicitly: `agent_steps`
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import os
 import random
 import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +31,19 @@ import torch
 from tqdm import tqdm
 
 from sacae import faults
-from sacae.agent import SacAeAgent
+from sacae.agent import GroupAgent, SacAeAgent, seed_generator
 from sacae.checkpoint import CheckpointStore, numpy_legacy_state, numpy_legacy_tuple, to_arrays, to_tensors
 from sacae.config import EXECUTION_FIELDS, TrainConfig, resolve
 from sacae.envs import DMCEnv, make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger, count
-from sacae.placement import check_replay_device, check_replay_fits, replay_transitions
+from sacae.placement import (
+    MEMORY_RESERVE_BYTES,
+    available_memory_bytes,
+    check_replay_device,
+    check_replay_fits,
+    replay_transitions,
+)
 from sacae.process import configure_process, describe_session
 from sacae.replay import ReplayBuffer
 from sacae.rundir import (
@@ -127,9 +137,10 @@ def evaluate_agent(
 
 @dataclass
 class PendingStep:
-    """An agent step whose action is chosen and whose updates are under way (a checkpoint may fall inside it)."""
+    """An agent step whose actions are chosen (one per training seed) and whose updates are under way (a checkpoint
+    may fall inside it)."""
 
-    action: np.ndarray
+    actions: list[np.ndarray]
     updates: int
     done: int = 0
 
@@ -140,141 +151,297 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 LOCK_WAIT_SECONDS = 150.0
 
 
-class Trainer:
-    """One training run: environments, agent, replay, outputs, and the loop that ties them together.
+def seed_dir(runs_dir: str | Path, cfg: TrainConfig, seed: int) -> Path:
+    """RUNS_DIR/<task>/<configuration>/seed_<seed>, the layout of `sacae sweep` and `sacae report`."""
+    return Path(runs_dir) / cfg.env_name / cfg.configuration / f"seed_{seed}"
 
-    Running the same configuration again in the same work dir resumes the run from its newest checkpoint, exactly:
-    the resumed run writes the logs and weights the uninterrupted one would have written.
+
+class SeedRun:
+    """What one seed of a group owns: its configuration and run folder (locked), checkpoints, environments, replay
+    buffer, random streams, logs, video, the episode in progress and the record of its sessions."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.seed = cfg.seed
+        self.work_dir = Path(cfg.work_dir)
+        self.lock: WorkDirLock | None = None
+        self.logger: Logger | None = None
+        self.obs: np.ndarray | None = None  # the episode in progress (None between episodes)
+        self.episode = 0
+        self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
+        self.finished = False
+        self.failed: str | None = None  # why this seed stopped while the others train on
+        self.resumed_from: Path | None = None
+        self.resumes = 0
+        self.elapsed_before = 0.0  # training seconds of the earlier sessions of this run
+        self.earlier_sessions: list[dict[str, Any]] = []  # one record per earlier session (process) of this run
+        self.reopened_finished_run = False
+
+    def build(self, device: torch.device, group: bool) -> None:
+        """Environments, replay RNGs, agent (and, in a group, the torch generator of its noise), in the order of a
+        run of its own, so that every random stream starts where it starts there."""
+        cfg = self.cfg
+        self.device = device
+        seed_everything(cfg.seed)
+        self.env = make_env(cfg, seed=cfg.seed)
+        self.eval_env = make_env(cfg, seed=cfg.seed)
+        spec = self.env.spec
+        itemsize = np.dtype(spec.obs_dtype).itemsize
+        self.placement = check_replay_fits(cfg, device, spec.frame_shape, itemsize, spec.action_dim)
+        self.replay_seed, action_seed = np.random.SeedSequence(cfg.seed).spawn(2)
+        self.replay: ReplayBuffer | None = None  # made or loaded on restore, once: it may fill a GPU
+        self.action_rng = np.random.default_rng(action_seed)
+        self.agent = SacAeAgent(spec.obs_shape, spec.action_dim, cfg, device)
+        self.generator = seed_generator(cfg.seed, device) if group else None
+
+    def new_replay(self, device: torch.device) -> ReplayBuffer:
+        return new_replay(self.cfg, self.env, device, self.replay_seed, self.placement.frames_device)
+
+    @property
+    def training(self) -> bool:
+        return not self.finished and self.failed is None
+
+    def start_episode(self) -> None:
+        self.obs, _ = self.env.reset()
+        self.replay.start_episode(self.obs)
+        self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
+        self.episode += 1
+
+    def rng_state(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" and self.generator is None else None
+        return {
+            "python": random.getstate(),
+            "numpy": numpy_legacy_state(np.random.get_state()),
+            # One seed draws its noise from torch's global generator, a group's seed from its own.
+            "torch": torch.get_rng_state() if self.generator is None else self.generator.get_state(),
+            "cuda": cuda,
+            "action": self.action_rng.bit_generator.state,
+        }
+
+    def set_rng_state(self, rng: dict[str, Any]) -> None:
+        random.setstate(rng["python"])
+        np.random.set_state(numpy_legacy_tuple(rng["numpy"]))
+        if self.generator is None:
+            torch.set_rng_state(rng["torch"])
+            if self.device.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            self.generator.set_state(rng["torch"])
+        self.action_rng.bit_generator.state = rng["action"]
+
+
+class Trainer:
+    """A group of N >= 1 seeds of one configuration trained in lockstep, each into its own run folder: environments,
+    agent, replay, outputs, and the loop that ties them together. `sacae train` is the group of one seed.
+
+    Running the same configuration again in the same folders resumes the runs from their newest common
+    checkpoint, exactly: the resumed runs write the logs and weights the uninterrupted ones would have written.
+    A seed whose losses or parameters become non-finite stops with its own status; the others train on.
     """
 
-    def __init__(self, cfg: TrainConfig, console=None):
-        cfg = resolve(load_resume_config(resolve(cfg)))
-        self.cfg = cfg
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        console=None,
+        seeds: Sequence[int] | None = None,
+        runs_dir: str | Path | None = None,
+    ):
+        if seeds is None:
+            cfg = resolve(load_resume_config(resolve(cfg)))
+            configs = [cfg]
+        else:
+            cfg = resolve(TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}))
+            check_group_config(cfg, seeds)
+            folders = [os.fspath(seed_dir(runs_dir or "runs", cfg, s)) for s in seeds]
+            configs = [dataclasses.replace(cfg, seed=s, work_dir=w) for s, w in zip(seeds, folders, strict=True)]
+        self.cfg = configs[0]
+        self.group = seeds is not None
         self.device = select_device(cfg.device)
         check_replay_device(cfg, self.device)
         # Overlap pays where the update runs elsewhere than the environment (a GPU); on a CPU both share the cores.
         self.overlap = cfg.overlap == "on" or (cfg.overlap == "auto" and self.device.type == "cuda")
         self._update_worker: ThreadPoolExecutor | None = None
         configure_process(cfg.num_threads)
-        # Every refusal comes before the first write: a refused command leaves the folder as it found it.
-        check_work_dir(cfg, Path(cfg.work_dir))
+        # Every refusal comes before the first write: a refused command leaves the folders as it found them.
+        for c in configs:
+            check_work_dir(c, Path(c.work_dir))
         check_installed(cfg.trackers)
 
-        seed_everything(cfg.seed)
-        self.env = make_env(cfg, seed=cfg.seed)
-        self.eval_env = make_env(cfg, seed=cfg.seed)
-        spec = self.env.spec
-        itemsize = np.dtype(spec.obs_dtype).itemsize
-        self.replay_placement = check_replay_fits(cfg, self.device, spec.frame_shape, itemsize, spec.action_dim)
-        self.replay_bytes = self.replay_placement.needed
-        self._replay_seed, action_seed = np.random.SeedSequence(cfg.seed).spawn(2)
-        self.replay: ReplayBuffer | None = None  # made or loaded by _restore, once: it may fill a GPU
-        self.action_rng = np.random.default_rng(action_seed)
-        self.agent = SacAeAgent(spec.obs_shape, spec.action_dim, cfg, self.device)
+        self.runs = [SeedRun(c) for c in configs]
+        for run in self.runs:
+            run.build(self.device, self.group)
+        self.replay_placement = self.runs[0].placement
+        self.replay_bytes = self.replay_placement.needed * len(self.runs)
+        if self.group:
+            check_group_memory(self.runs[0], len(self.runs))
 
-        self.work_dir = check_writable(cfg.work_dir)
-        self.lock = WorkDirLock(self.work_dir, wait_seconds=LOCK_WAIT_SECONDS)
+        locked: list[SeedRun] = []
         try:
-            # Again under the lock: another process may have changed the folder since the first look.
-            start_over = check_work_dir(cfg, self.work_dir)
+            start_over = []
+            for run in self.runs:
+                if self.group:
+                    run.work_dir.mkdir(parents=True, exist_ok=True)
+                run.work_dir = check_writable(run.cfg.work_dir)
+                run.lock = WorkDirLock(run.work_dir, wait_seconds=LOCK_WAIT_SECONDS)
+                locked.append(run)
+            for run in self.runs:
+                # Again under the lock: another process may have changed the folder since the first look.
+                start_over.append(check_work_dir(run.cfg, run.work_dir))
         except BaseException:
-            self.lock.release()
+            for run in locked:
+                run.lock.release()
             raise
         try:
-            if start_over:
-                left = remove_outputs(self.work_dir)
-                if left:
-                    print(f"sacae: starting over in {self.work_dir}; kept what sacae did not write there: "
-                          f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}", file=sys.stderr)  # fmt: skip
-            self.store = CheckpointStore(self.work_dir)
-            self.model_dir = self.work_dir / "model"
-            self.video = VideoRecorder(self.work_dir / "video" if cfg.save_video else None)
+            for run, remove in zip(self.runs, start_over, strict=True):
+                if remove:
+                    self._start_over(run)
+                run.store = CheckpointStore(run.work_dir)
+                run.model_dir = run.work_dir / "model"
+                run.video = VideoRecorder(run.work_dir / "video" if cfg.save_video else None)
 
             self.agent_steps = 0
-            self.episode = 0
             self.progress = None
-            # The episode in progress (obs is None between episodes) and the evaluation clock.
-            self.obs = None
-            self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
             self.last_eval: int | None = None
             self.last_checkpoint: int | None = None
             self.pending: PendingStep | None = None
-            self.finished = False
-            self.resumed_from: Path | None = None
-            self.resumes = 0
-            self.elapsed_before = 0.0  # training seconds of the earlier sessions of this run
             self.session_start = time.time()
-            self.earlier_sessions: list[dict[str, Any]] = []  # one record per earlier session (process) of this run
             self.session = describe_session(self.device)
             self._stop_signal: int | None = None
 
             log_sizes = self._restore()
             self.session["from_env_steps"] = self.env_steps
-            self.reopened_finished_run = self.finished
-            config_path = self.work_dir / "config.json"
-            with writing(config_path, "the run's configuration"):
-                if not config_path.is_file() or config_path.read_text() != cfg.to_json():
-                    write_text_atomic(config_path, cfg.to_json())
-                if cfg.save_model:
-                    self.model_dir.mkdir(exist_ok=True)
-            purge = self.env_steps + 1 if self.resumed_from is not None else None
-            self.logger = Logger(self.work_dir, save_tb=cfg.save_tb, console=console, truncate=log_sizes,
-                                 purge_step=purge, trackers=cfg.trackers,
-                                 config={**cfg.to_dict(), "configuration": cfg.configuration})  # fmt: skip
+            for run, sizes in zip(self.runs, log_sizes, strict=True):
+                run.reopened_finished_run = run.finished
+                config_path = run.work_dir / "config.json"
+                with writing(config_path, "the run's configuration"):
+                    if not config_path.is_file() or config_path.read_text() != run.cfg.to_json():
+                        write_text_atomic(config_path, run.cfg.to_json())
+                    if cfg.save_model:
+                        run.model_dir.mkdir(exist_ok=True)
+                purge = self.env_steps + 1 if run.resumed_from is not None else None
+                run.logger = Logger(run.work_dir, save_tb=cfg.save_tb, console=console, truncate=sizes,
+                                    purge_step=purge, trackers=cfg.trackers,
+                                    config={**run.cfg.to_dict(), "configuration": cfg.configuration})  # fmt: skip
+                if self.group:
+                    run.logger.console_write = seed_console(run.seed, console)
+            members = self._members()
+            if self.group and members:
+                generators = [r.generator for r in members]
+                self.agent: SacAeAgent | GroupAgent = GroupAgent([r.agent for r in members], generators)
+            else:
+                self.agent = self.runs[0].agent
+            for run in self.runs:
+                state = getattr(run, "metrics_state", None)
+                if state is not None and run in members:
+                    self.agent.metrics.load_state_dict(state, self._index(run))
+                del run.agent  # the group agent holds the weights from here on
         except BaseException as e:
-            if is_run(self.work_dir) and not isinstance(e, KeyboardInterrupt):
-                with contextlib.suppress(Exception):
-                    status = read_status(self.work_dir) or {}
-                    message = str(e) if isinstance(e, SacaeError) else f"{type(e).__name__}: {e}"
-                    write_status(self.work_dir, {**status, "state": "failed", "message": message, "pid": os.getpid(),
-                                                 "host": socket.gethostname(), "time": time.time()})  # fmt: skip
-            self.lock.release()
+            message = str(e) if isinstance(e, SacaeError) else f"{type(e).__name__}: {e}"
+            for run in self.runs:
+                if is_run(run.work_dir) and not isinstance(e, KeyboardInterrupt):
+                    with contextlib.suppress(Exception):
+                        status = read_status(run.work_dir) or {}
+                        write_status(run.work_dir, {**status, "state": "failed", "message": message,
+                                                    "pid": os.getpid(), "host": socket.gethostname(),
+                                                    "time": time.time()})  # fmt: skip
+                if run.logger is not None:
+                    with contextlib.suppress(Exception):
+                        run.logger.close()
+                run.lock.release()
             raise
 
-    def _new_replay(self) -> ReplayBuffer:
-        return new_replay(self.cfg, self.env, self.device, self._replay_seed, self.replay_placement.frames_device)
+    @staticmethod
+    def _start_over(run: SeedRun) -> None:
+        left = remove_outputs(run.work_dir)
+        if left:
+            print(f"sacae: starting over in {run.work_dir}; kept what sacae did not write there: "
+                  f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}", file=sys.stderr)  # fmt: skip
 
-    def _restore(self) -> dict[str, int]:
-        """Load the newest readable checkpoint, if any; returns the log sizes to truncate the logs to."""
-        loaded = self.store.load_latest(self._new_replay)
-        if loaded is None:
-            self.replay = self._new_replay()
-            # Nothing to resume from: the TensorBoard events of an earlier attempt are rewritten from the start.
-            remove_outputs(self.work_dir, ("tb",))
-            return {"train": 0, "eval": 0}
-        state, self.replay = loaded
-        self.resumed_from = self.store.states()[0]
-        self.agent.load_state_dict(state["agent"])
-        self.agent.metrics.load_state_dict(state["metrics"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(numpy_legacy_tuple(rng["numpy"]))
-        torch.set_rng_state(rng["torch"])
-        if self.device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.action_rng.bit_generator.state = rng["action"]
-        self.obs = self.env.set_state(to_arrays(state["env"]))
-        self.agent_steps, self.episode = state["agent_steps"], state["episode"]
-        self.episode_reward = state["episode_reward"]
+    def _restore(self) -> list[dict[str, int]]:
+        """Load each seed's checkpoint at the newest agent step that every seed has (a kill between two seeds'
+        checkpoint writes leaves some a step ahead), if any; returns the log sizes to truncate the logs to."""
+        if self.group:
+            for run in self.runs:
+                run.failed = failed_in_group(run.work_dir)
+        runs = [run for run in self.runs if run.failed is None]
+        if not runs:
+            return [None for _ in self.runs]
+        bound = None
+        while True:
+            loaded = [run.store.load_latest(functools.partial(run.new_replay, self.device), at_most=bound)
+                      for run in runs]  # fmt: skip
+            steps = {None if x is None else x[0]["agent_steps"] for x in loaded}
+            if len(steps) == 1:
+                break
+            if None in steps:
+                # A seed has no checkpoint (a kill before its first one): the group starts over from nothing.
+                for run, x in zip(runs, loaded, strict=True):
+                    if x is not None:
+                        self._start_over(run)
+                        run.store = CheckpointStore(run.work_dir)
+                loaded = [None] * len(runs)
+                break
+            bound = min(steps)
+        sizes: dict[int, dict[str, int] | None] = {id(run): None for run in self.runs}
+        if loaded[0] is None:
+            for run in runs:
+                run.replay = run.new_replay(self.device)
+                # Nothing to resume from: the TensorBoard events of an earlier attempt are rewritten from the start.
+                remove_outputs(run.work_dir, ("tb",))
+                sizes[id(run)] = {"train": 0, "eval": 0}
+            return list(sizes.values())
+        for run, (state, replay) in zip(runs, loaded, strict=True):
+            run.replay = replay
+            run.resumed_from = run.store.states()[0]
+            run.agent.load_state_dict(state["agent"])
+            run.metrics_state = state["metrics"]
+            run.set_rng_state(state["rng"])
+            run.obs = run.env.set_state(to_arrays(state["env"]))
+            run.episode, run.episode_reward = state["episode"], state["episode_reward"]
+            run.finished = state["finished"]
+            run.resumes = state["resumes"] + (0 if run.finished else 1)
+            run.elapsed_before = state["elapsed_seconds"]
+            # Checkpoints written before sessions were recorded have none: their earlier sessions stay unknown.
+            run.earlier_sessions = list(state.get("sessions", []))
+            sizes[id(run)] = state["log_sizes"]
+        state = loaded[0][0]
+        self.agent_steps = state["agent_steps"]
         self.last_eval, self.last_checkpoint = state["last_eval"], state["agent_steps"]
-        pending = state["pending"]
-        if pending is not None:
-            self.pending = PendingStep(pending["action"].numpy(), pending["updates"], pending["done"])
-        self.finished = state["finished"]
-        self.resumes = state["resumes"] + (0 if self.finished else 1)
-        self.elapsed_before = state["elapsed_seconds"]
-        # Checkpoints written before sessions were recorded have none: their earlier sessions stay unknown.
-        self.earlier_sessions = list(state.get("sessions", []))
-        return state["log_sizes"]
+        pending = [x[0]["pending"] for x, run in zip(loaded, runs, strict=True) if run.training]
+        if pending and pending[0] is not None:
+            first = pending[0]
+            self.pending = PendingStep([p["action"].numpy() for p in pending], first["updates"], first["done"])
+        return list(sizes.values())
 
     # ---------------------------------------------------------------------------------------------------------
+    # One seed's view (sacae train, and the tools that drive its Trainer step by step).
+    @property
+    def replay(self) -> ReplayBuffer:
+        return self.runs[0].replay
+
+    @property
+    def logger(self) -> Logger:
+        return self.runs[0].logger
+
+    @property
+    def episode(self) -> int:
+        return self.runs[0].episode
+
+    @property
+    def work_dir(self) -> Path:
+        return self.runs[0].work_dir
+
+    @property
+    def training_runs(self) -> list[SeedRun]:
+        """The seeds still training, in the order of the group agent's seed axis."""
+        return [run for run in self.runs if run.training]
+
     @property
     def env_steps(self) -> int:
         return self.agent_steps * self.cfg.action_repeat
 
-    @property
-    def elapsed_seconds(self) -> float:
-        return self.elapsed_before + time.time() - self.session_start
+    def elapsed_seconds(self, run: SeedRun) -> float:
+        return run.elapsed_before + time.time() - self.session_start
 
     def updates_at(self, agent_steps: int) -> int:
         """How many updates run at this agent step (the seed phase's burst, or its spread, included)."""
@@ -287,30 +454,42 @@ class Trainer:
 
     def describe(self) -> str:
         cfg = self.cfg
-        per = self.replay.bytes_per_transition
+        first = (self.training_runs or self.runs)[0]
+        per = first.replay.bytes_per_transition
         threads = torch.get_num_threads()
+        seeds = f"seeds {' '.join(str(r.seed) for r in self.runs)} in one process, " if self.group else ""
+        where = self.runs[0].work_dir.parent if self.group else self.work_dir
         return (
-            f"sacae: {cfg.configuration} on {cfg.env_name} (action repeat {cfg.action_repeat}), "
+            f"sacae: {cfg.configuration} on {cfg.env_name} (action repeat {cfg.action_repeat}), {seeds}"
             f"{cfg.num_train_steps:,} agent steps = {cfg.num_train_steps * cfg.action_repeat:,} env steps, "
             f"device {self.device}, {cfg.precision}, {count(threads, 'thread')}, overlap "
             f"{'on' if self.overlap else 'off'}; replay {len_fmt(per)} per transition, "
-            f"{self.replay_bytes / 1e9:.2f} GB for {self.replay.capacity:,}, {self.replay_placement.describe()}; "
-            f"output in {self.work_dir}"
+            f"{self.replay_bytes / 1e9:.2f} GB for {first.replay.capacity:,}"
+            f"{' x ' + str(len(self.runs)) if self.group else ''}, {self.replay_placement.describe()}; "
+            f"output in {where}"
         )
 
     # ---------------------------------------------------------------------------------------------------------
     def run(self) -> None:
-        """Train to the end (or until a stop signal, then raise RunStopped after writing a checkpoint)."""
+        """Train to the end (or until a stop signal, then raise RunStopped after writing a checkpoint). In a group,
+        NumericalError when every seed failed; seeds that failed while others finished are named on stderr."""
         cfg = self.cfg
-        if self.finished:
-            print(f"sacae: the run in {self.work_dir} is already finished ({self.env_steps:,} env steps); "
-                  f"nothing to do.", file=sys.stderr, flush=True)  # fmt: skip
-            self.logger.close()
+        if not self.training_runs:
+            for run in self.runs:
+                what = "failed" if run.failed else "finished"
+                print(f"sacae: the run in {run.work_dir} is already {what} ({self.env_steps:,} env steps); "
+                      f"nothing to do.", file=sys.stderr, flush=True)  # fmt: skip
+            self.close()
+            if all(run.failed for run in self.runs):
+                raise NumericalError(
+                    "Every seed of this group failed earlier (see their status.json); add --no_resume to start over."
+                )
             return
         print(self.describe(), file=sys.stderr, flush=True)
-        if self.resumed_from is not None:
-            print(f"sacae: resuming from {self.resumed_from} at env step {self.env_steps:,}", file=sys.stderr,
-                  flush=True)  # fmt: skip
+        for run in self.runs:
+            if run.resumed_from is not None:
+                print(f"sacae: resuming from {run.resumed_from} at env step {self.env_steps:,}", file=sys.stderr,
+                      flush=True)  # fmt: skip
         self.progress = tqdm(
             total=cfg.num_train_steps * cfg.action_repeat,
             initial=self.env_steps,
@@ -319,22 +498,26 @@ class Trainer:
             dynamic_ncols=True,
             file=sys.stderr,
             disable=not sys.stderr.isatty(),
-            desc=f"{cfg.configuration} {cfg.env_name}",
+            desc=f"{cfg.configuration} {cfg.env_name}" + (f" x{len(self.runs)}" if self.group else ""),
         )
         if not self.progress.disable:
-            self.logger.console_write = lambda line: tqdm.write(line, file=sys.stdout)
+            for run in self.runs:
+                prefix = f"seed {run.seed} " if self.group else ""
+                run.logger.console_write = lambda line, prefix=prefix: tqdm.write(prefix + line, file=sys.stdout)
         previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self.write_status("running")
-            while self.agent_steps < cfg.num_train_steps or self.pending is not None:
+            while self.training_runs and (self.agent_steps < cfg.num_train_steps or self.pending is not None):
                 self.step()
                 if self._stop_signal is not None:
                     self._stop()
-            if self.last_eval != self.agent_steps:
+            if self.training_runs and self.last_eval != self.agent_steps:
                 self.evaluate()
-            self.finished = True
-            self.checkpoint()
-            self.write_status("finished")
+            for run in self.training_runs:
+                run.finished = True
+            if any(run.finished for run in self.runs):
+                self.checkpoint()
+                self.write_status("finished", runs=[run for run in self.runs if run.finished])
         except RunStopped:
             raise
         except KeyboardInterrupt:
@@ -351,17 +534,29 @@ class Trainer:
                 signal.signal(s, handler)
             self.progress.close()
             self.close()
+        failed = [run for run in self.runs if run.failed]
+        if failed and len(failed) == len(self.runs):
+            raise NumericalError(
+                failed[0].failed
+                if len(failed) == 1
+                else f"Every seed failed ({'; '.join(f'seed {r.seed}: {r.failed}' for r in failed)})"
+            )
+        if failed:
+            print(f"sacae: seed{'s' if len(failed) > 1 else ''} {' '.join(str(r.seed) for r in failed)} failed (see "
+                  f"{'their' if len(failed) > 1 else 'its'} status.json); the other seeds finished.",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
-        """Stop the update worker, close the logs and let another process train here (run() does this when it
-        ends)."""
+        """Stop the update worker, close the logs and let another process train in the folders (run() does this
+        when it ends)."""
         if self._update_worker is not None:
             self._update_worker.shutdown(wait=True)
             self._update_worker = None
-        try:
-            self.logger.close(finished=self.finished)
-        finally:
-            self.lock.release()
+        for run in self.runs:
+            try:
+                run.logger.close(finished=run.finished)
+            finally:
+                run.lock.release()
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
@@ -372,21 +567,23 @@ class Trainer:
 
     def _stop(self) -> None:
         signum = self._stop_signal
-        path = self.checkpoint()
+        paths = self.checkpoint()
         name = signal.Signals(signum).name
+        where = paths[0] if len(paths) == 1 else f"in each seed's folder ({len(paths)})"
         message = (
-            f"stopped by {name} at env step {self.env_steps:,}; checkpoint {path} written; run the same command "
+            f"stopped by {name} at env step {self.env_steps:,}; checkpoint {where} written; run the same command "
             f"again to resume"
         )
-        self.write_status("stopped", message)
+        self.write_status("stopped", message, runs=self.training_runs)
         raise RunStopped(signum, message)
 
     def step(self) -> None:
-        """One agent step of the schedule: evaluate if due, checkpoint if due, start an episode if needed, pick
-        a_t, run the update(s) of step t, step the environment with a_t and store the transition. A stop signal
-        may end it between two updates of the seed phase's burst; the step then continues after the resume.
+        """One agent step of the schedule, for every training seed: evaluate if due, checkpoint if due, start
+        episodes where needed, pick a_t, run the update(s) of step t, step the environments with a_t and store the
+        transitions. A stop signal may end it between two updates of the seed phase's burst; the step then
+        continues after the resume.
 
-        With overlap, a step's single update runs in the worker thread while the environment steps; it has
+        With overlap, a step's single update runs in the worker thread while the environments step; it has
         finished when step() returns, so nothing between steps (acting, evaluating, checkpointing, logging the
         losses) ever sees an update in flight."""
         cfg = self.cfg
@@ -394,23 +591,37 @@ class Trainer:
             if self.agent_steps % cfg.eval_freq == 0 and self.last_eval != self.agent_steps:
                 t0 = time.time()
                 self.evaluate()
-                self.eval_seconds += time.time() - t0
+                for run in self.training_runs:
+                    run.eval_seconds += time.time() - t0
             every = cfg.checkpoint_agent_steps
             if every and self.agent_steps % every == 0 and self.agent_steps > 0:
                 if self.last_checkpoint != self.agent_steps:
                     self.checkpoint()
-            if self.obs is None:
-                self._start_episode()
+            runs = self.training_runs
+            if not runs:
+                return
+            for run in runs:
+                if run.obs is None:
+                    run.start_episode()
             if self.agent_steps < cfg.init_steps:
-                action = self.env.sample_action(self.action_rng)
+                actions = [run.env.sample_action(run.action_rng) for run in runs]
             else:
-                action = self.agent.act(self.obs, sample=True)
-                if not np.isfinite(action).all():  # the action is on the host already: this check is free
-                    self.check_finite(parameters=True)
-                    raise NumericalError(f"The policy produced a non-finite action at env step {self.env_steps:,}.")
-            self.pending = PendingStep(action, self.updates_at(self.agent_steps))
-        elif self.obs is None:  # resumed inside a step whose episode the environment could not replay
-            self._start_episode()
+                actions = self.agent.act_seeds([run.obs for run in runs], sample=True)
+                bad = [run for run, a in zip(runs, actions, strict=True) if not np.isfinite(a).all()]
+                if bad:  # the actions are on the host already: this check is free
+                    message = f"The policy produced a non-finite action at env step {self.env_steps:,}."
+                    for run in bad:
+                        self._fail(run, functools.partial(self.check_finite, run, parameters=True), message)
+                    actions = [a for run, a in zip(runs, actions, strict=True) if run not in bad]
+                    runs = self.training_runs
+                    if not runs:
+                        return
+            self.pending = PendingStep(actions, self.updates_at(self.agent_steps))
+        else:
+            for run in self.training_runs:
+                if run.obs is None:  # resumed inside a step whose episode the environment could not replay
+                    run.start_episode()
+        runs = self.training_runs
         pending = self.pending
         in_flight = None
         if self.overlap and pending.updates == 1 and pending.done == 0:
@@ -418,13 +629,16 @@ class Trainer:
         elif not self._run_updates(pending):
             return  # stopped inside the burst
 
-        action = pending.action
+        dones = []
         try:
-            next_obs, reward, terminated, truncated, _ = self.env.step(action)
-            faults.reached("env_step")
-            self.episode_reward += reward
-            # The time limit is a truncation: keep bootstrapping through it (not_done = 1).
-            self.replay.add(action, reward, next_obs, 0.0 if terminated else 1.0)
+            for run, action in zip(runs, pending.actions, strict=True):
+                next_obs, reward, terminated, truncated, _ = run.env.step(action)
+                faults.reached("env_step")
+                run.episode_reward += reward
+                # The time limit is a truncation: keep bootstrapping through it (not_done = 1).
+                run.replay.add(action, reward, next_obs, 0.0 if terminated else 1.0)
+                run.obs = next_obs
+                dones.append(terminated or truncated)
         except BaseException:
             if in_flight is not None:
                 wait([in_flight])  # never leave the agent changing behind an error
@@ -433,41 +647,44 @@ class Trainer:
             in_flight.result()  # raises the update's own error, if any
             pending.done = 1
             faults.reached("update")
-        self.obs = next_obs
         self.agent_steps += 1
         self.pending = None
         if self.progress is not None:
             self.progress.update(cfg.action_repeat)
 
-        if terminated or truncated:
-            duration = time.time() - self.episode_start - self.eval_seconds
-            self._log_train_episode(self.episode_reward, duration)
-            self.obs = None
+        for run, done in zip(runs, dones, strict=True):
+            if done:
+                duration = time.time() - run.episode_start - run.eval_seconds
+                self._log_train_episode(run, run.episode_reward, duration)
+                run.obs = None
 
-    def _start_episode(self) -> None:
-        self.obs, _ = self.env.reset()
-        self.replay.start_episode(self.obs)
-        self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
-        self.episode += 1
+    def _batches(self) -> list:
+        return [run.replay.sample(self.cfg.batch_size) for run in self.training_runs]
+
+    def _update(self, batches: list) -> None:
+        if self.group:
+            self.agent.update_seeds(batches, self.agent_steps)
+        else:
+            self.agent.update(batches[0], self.agent_steps)
 
     def _launch_update(self) -> Future:
-        """Start the step's single update in the worker thread. Its batch is drawn and gathered here first: the
-        replay's RNG draws in the same order as without overlap, and the batch is the replay as it stands before
+        """Start the step's single update in the worker thread. Its batches are drawn and gathered here first: the
+        replays' RNGs draw in the same order as without overlap, and each batch is its replay as it stands before
         this step's transition is stored (which may overwrite a frame slot once the ring is full). While the update
-        is in flight only it uses torch's RNG: the environment uses numpy's generators alone."""
-        batch = self.replay.sample(self.cfg.batch_size)
+        is in flight only it uses torch's RNG: the environments use numpy's generators alone."""
+        batches = self._batches()
         if self._update_worker is None:
             # Made now, after torch.set_num_threads: a thread keeps the thread count it first runs an operation with.
             device = self.device
             initializer = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
             self._update_worker = ThreadPoolExecutor(1, thread_name_prefix="sacae-update", initializer=initializer)
-        return self._update_worker.submit(self.agent.update, batch, self.agent_steps)
+        return self._update_worker.submit(self._update, batches)
 
     def _run_updates(self, pending: PendingStep) -> bool:
         """Run the step's remaining updates; False when a stop signal ended them early."""
         n = pending.updates
         if n - pending.done == 1 and n == 1:
-            self.agent.update(self.replay.sample(self.cfg.batch_size), self.agent_steps)
+            self._update(self._batches())
             pending.done = 1
             faults.reached("update")
             return True
@@ -481,7 +698,7 @@ class Trainer:
         start, first = time.time(), pending.done
         try:
             while pending.done < n:
-                self.agent.update(self.replay.sample(self.cfg.batch_size), self.agent_steps)
+                self._update(self._batches())
                 pending.done += 1
                 faults.reached("update")
                 i = pending.done
@@ -497,25 +714,66 @@ class Trainer:
             bar.close()
         return True
 
-    def _log_train_episode(self, episode_reward: float, duration: float) -> None:
-        metrics = self.agent.metrics.pop()
-        self.check_finite()
+    def _members(self) -> list[SeedRun]:
+        """The seeds the agent holds, in the order of its seed axis (a failed seed leaves it)."""
+        return [run for run in self.runs if run.failed is None]
+
+    def _index(self, run: SeedRun) -> int | None:
+        """The seed's row in the group agent's metrics (None for a single seed)."""
+        return self._members().index(run) if self.group else None
+
+    def _row(self, run: SeedRun) -> int:
+        return self._members().index(run)
+
+    def _log_train_episode(self, run: SeedRun, episode_reward: float, duration: float) -> None:
+        metrics = self.agent.metrics.pop(self._index(run))
+        if not self._fail_if_nonfinite(run):
+            return
         row: dict[str, Any] = {
-            "episode": self.episode,
+            "episode": run.episode,
             "env_steps": self.env_steps,
             "agent_steps": self.agent_steps,
             "duration": duration,
             "episode_reward": episode_reward,
             **metrics,
-            "env_steps_per_second": self.env.episode_env_steps / max(duration, 1e-9),
+            "env_steps_per_second": run.env.episode_env_steps / max(duration, 1e-9),
         }
-        self.logger.log("train", row)
-        self.write_status("running")
+        run.logger.log("train", row)
+        self.write_status("running", runs=[run])
 
-    def check_finite(self, parameters: bool = False) -> None:
-        """NumericalError naming the first loss (or parameter) that became NaN or infinite."""
-        bad = self.agent.metrics.nonfinite()
-        kept = self.store.states()
+    def _fail_if_nonfinite(self, run: SeedRun, parameters: bool = False) -> bool:
+        """Whether the seed is still sound; a seed of a group that is not stops here (its status says why)."""
+        return self._fail(run, lambda: self.check_finite(run, parameters))
+
+    def _fail(self, run: SeedRun, check, message: str | None = None) -> bool:
+        """Run `check` (which raises NumericalError for `run`), or fail `run` with `message`. One seed raises; a
+        group drops the seed from its agent, records it in the seed's status.json and goes on."""
+        try:
+            check()
+            if message is not None:
+                raise NumericalError(message)
+        except NumericalError as e:
+            if not self.group:
+                raise
+            index = self._index(run)
+            kept = [i for i in range(len(self._members())) if i != index]
+            run.failed = str(e)
+            run.obs = None
+            if self.pending is not None:
+                self.pending.actions = [self.pending.actions[i] for i in kept]
+            if kept:
+                self.agent.keep(kept)
+            print(f"sacae: seed {run.seed}: {e} The other seeds train on.", file=sys.stderr, flush=True)
+            self.write_status("failed", str(e), runs=[run], numerical=True)
+            return False
+        return True
+
+    def check_finite(self, run: SeedRun | None = None, parameters: bool = False) -> None:
+        """NumericalError naming the first loss (or parameter) of the seed that became NaN or infinite."""
+        run = run or self.runs[0]
+        index = self._index(run)
+        bad = self.agent.metrics.nonfinite(index)
+        kept = run.store.states()
         keep = f"the last good checkpoint {kept[0]} is kept" if kept else "no checkpoint had been written yet"
         if bad:
             name, step = min(bad.items(), key=lambda kv: kv[1])
@@ -524,7 +782,7 @@ class Trainer:
                 f"{step * self.cfg.action_repeat:,}); training stopped and {keep}."
             )
         if parameters:
-            names = self.agent.nonfinite_parameters()
+            names = self.agent.nonfinite_parameters(*(() if index is None else (index,)))
             if names:
                 raise NumericalError(
                     f"The parameters {', '.join(names[:3])} hold NaN or infinite values at env step "
@@ -532,106 +790,200 @@ class Trainer:
                 )
 
     def evaluate(self) -> None:
+        """Every training seed's evaluation at this step, the seeds' episodes run side by side: for each seed the
+        episodes, environment seeds and deterministic actions of `evaluate_agent`."""
         cfg = self.cfg
-        self.check_finite()
+        for run in list(self.training_runs):
+            self._fail_if_nonfinite(run)
+        runs = self.training_runs
+        if not runs:
+            return
         start = time.time()
         self.last_eval = self.agent_steps
-        video = self.video if cfg.save_video else None
-        returns = evaluate_agent(
-            self.agent,
-            self.eval_env,
-            cfg.num_eval_episodes,
-            eval_seed(cfg.seed, self.env_steps),
-            video,
-            str(self.env_steps),
-        )
-        row = {
-            "episode": self.episode,
-            "env_steps": self.env_steps,
-            "agent_steps": self.agent_steps,
-            "episode_reward": float(np.mean(returns)) if returns else None,
-            "episode_reward_std": float(np.std(returns)) if returns else None,
-            "episode_rewards": returns,
-            "duration": time.time() - start,
-        }
-        video_path = self.video.folder / f"{self.env_steps}.mp4" if video is not None and returns else None
-        self.logger.log("eval", row, video=video_path)
-        if cfg.save_model:
-            path = self.model_dir / f"{self.env_steps}.pt"
-            with writing(path, "a snapshot of the networks"):
-                save_snapshot(path, self)
+        self.agent.train(False)
+        video = cfg.save_video
+        returns: list[list[float]] = [[] for _ in runs]
+        for episode in range(cfg.num_eval_episodes):
+            obs = []
+            for run in runs:
+                obs.append(run.eval_env.reset(seed=eval_seed(run.seed, self.env_steps) if episode == 0 else None)[0])
+                if episode == 0 and video:
+                    run.video.init()
+                    run.video.record(run.eval_env)
+            totals, done = [0.0] * len(runs), [False] * len(runs)
+            while not all(done):
+                actions = self.agent.act_seeds(obs, sample=False)
+                for i, run in enumerate(runs):
+                    if done[i]:
+                        continue
+                    obs[i], reward, terminated, truncated, _ = run.eval_env.step(actions[i])
+                    totals[i] += reward
+                    done[i] = terminated or truncated
+                    if episode == 0 and video:
+                        run.video.record(run.eval_env)
+            for i, run in enumerate(runs):
+                if episode == 0 and video:
+                    run.video.save(str(self.env_steps))
+                returns[i].append(totals[i])
+            faults.reached("eval_episode")
+        self.agent.train(True)
+        duration = time.time() - start
+        for run, seed_returns in zip(runs, returns, strict=True):
+            row = {
+                "episode": run.episode,
+                "env_steps": self.env_steps,
+                "agent_steps": self.agent_steps,
+                "episode_reward": float(np.mean(seed_returns)) if seed_returns else None,
+                "episode_reward_std": float(np.std(seed_returns)) if seed_returns else None,
+                "episode_rewards": seed_returns,
+                "duration": duration,
+            }
+            video_path = run.video.folder / f"{self.env_steps}.mp4" if video and seed_returns else None
+            run.logger.log("eval", row, video=video_path)
+            if cfg.save_model:
+                path = run.model_dir / f"{self.env_steps}.pt"
+                with writing(path, "a snapshot of the networks"):
+                    save_snapshot(path, self, run, self.agent.seed_state_dict(self._row(run)))
 
     # ---------------------------------------------------------------------------------------------------------
-    def checkpoint(self) -> Path:
-        """Write a full checkpoint of the run as it stands (between steps or inside the seed-phase burst)."""
-        self.check_finite(parameters=True)
-        pending = None
-        if self.pending is not None:
-            p = self.pending
-            pending = {"action": torch.from_numpy(np.asarray(p.action)), "updates": p.updates, "done": p.done}
-        state = {
-            "config": self.cfg.to_dict(),
-            "agent_steps": self.agent_steps,
-            "env_steps": self.env_steps,
-            "episode": self.episode,
-            "episode_reward": self.episode_reward,
-            "last_eval": self.last_eval,
-            "finished": self.finished,
-            "pending": pending,
-            "agent": self.agent.state_dict(),
-            "metrics": self.agent.metrics.state_dict(),
-            "replay": self.replay.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": numpy_legacy_state(np.random.get_state()),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-                "action": self.action_rng.bit_generator.state,
-            },
-            "env": to_tensors(self.env.get_state()),
-            "log_sizes": self.logger.sizes(),
-            "resumes": self.resumes,
-            "elapsed_seconds": self.elapsed_seconds,
-            "sessions": self.sessions(),
-        }
-        path = self.store.save(state, self.replay, self.agent_steps)
+    def checkpoint(self) -> list[Path]:
+        """Write a full checkpoint of every seed as it stands (between steps or inside the seed-phase burst), each
+        into its own folder, at the same agent step; a failed seed's folder keeps its last good one."""
+        for run in list(self.training_runs):
+            self._fail_if_nonfinite(run, parameters=True)
+        paths = []
+        runs = self.training_runs
+        finished = [run for run in self.runs if run.finished and run.failed is None]
+        for run in runs if runs else finished:
+            i = self._row(run)
+            pending = None
+            if self.pending is not None and run.training:
+                p = self.pending
+                action = torch.from_numpy(np.asarray(p.actions[runs.index(run)]))
+                pending = {"action": action, "updates": p.updates, "done": p.done}
+            state = {
+                "config": run.cfg.to_dict(),
+                "agent_steps": self.agent_steps,
+                "env_steps": self.env_steps,
+                "episode": run.episode,
+                "episode_reward": run.episode_reward,
+                "last_eval": self.last_eval,
+                "finished": run.finished,
+                "pending": pending,
+                "agent": self.agent.seed_state_dict(i),
+                "metrics": self.agent.metrics.state_dict(self._index(run)),
+                "replay": run.replay.state_dict(),
+                "rng": run.rng_state(),
+                "env": to_tensors(run.env.get_state()),
+                "log_sizes": run.logger.sizes(),
+                "resumes": run.resumes,
+                "elapsed_seconds": self.elapsed_seconds(run),
+                "sessions": self.sessions(run),
+            }
+            paths.append(run.store.save(state, run.replay, self.agent_steps))
         self.last_checkpoint = self.agent_steps
-        return path
+        return paths
 
-    def write_status(self, state: str, message: str = "") -> None:
-        """WORK_DIR/status.json: what `sacae status` and the sweep read to know where this run stands."""
-        status = {
-            "state": state,
-            "env_steps": self.env_steps,
-            "total_env_steps": self.cfg.num_train_steps * self.cfg.action_repeat,
-            "agent_steps": self.agent_steps,
-            "elapsed_seconds": round(self.elapsed_seconds, 3),
-            "session_env_steps_per_second": self._session_speed(),
-            "resumes": self.resumes,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "time": time.time(),
-            "message": message,
-            "sessions": self.sessions(),
-        }
-        write_status(self.work_dir, status)
+    def write_status(self, state: str, message: str = "", runs: Sequence[SeedRun] | None = None,
+                     numerical: bool = False) -> None:  # fmt: skip
+        """Each seed's WORK_DIR/status.json: what `sacae status` and the sweep read to know where the run stands.
+        By default the seeds still training."""
+        for run in self.training_runs if runs is None else runs:
+            status = {
+                "state": state,
+                "env_steps": self.env_steps,
+                "total_env_steps": self.cfg.num_train_steps * self.cfg.action_repeat,
+                "agent_steps": self.agent_steps,
+                "elapsed_seconds": round(self.elapsed_seconds(run), 3),
+                "session_env_steps_per_second": self._session_speed(),
+                "resumes": run.resumes,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "time": time.time(),
+                "message": message,
+                "sessions": self.sessions(run),
+            }
+            if self.group:
+                status["seeds_in_process"] = [r.seed for r in self.runs]
+            if numerical:
+                # Read back by the next run of the group: this seed is not resumed (it would fail again) and its
+                # last checkpoint does not hold the other seeds back.
+                status[FAILED_SEED] = True
+            write_status(run.work_dir, status)
 
-    def sessions(self) -> list[dict[str, Any]]:
+    def sessions(self, run: SeedRun | None = None) -> list[dict[str, Any]]:
         """Every session (process) that trained this run, this one last: its machine, the env steps it took the run
         from and to, and its seconds. A session that only reopened a finished run adds nothing."""
-        if self.reopened_finished_run:
-            return self.earlier_sessions
+        run = run or self.runs[0]
+        if run.reopened_finished_run:
+            return run.earlier_sessions
         current = {
             **self.session,
             "to_env_steps": self.env_steps,
             "seconds": round(time.time() - self.session_start, 1),
         }
-        return [*self.earlier_sessions, current]
+        return [*run.earlier_sessions, current]
 
     def _session_speed(self) -> float | None:
         seconds = time.time() - self.session_start
         done = self.env_steps - self.session["from_env_steps"]
         return round(done / seconds, 3) if done > 0 and seconds > 0 else None
+
+
+FAILED_SEED = "seed_failed"
+
+
+def failed_in_group(work_dir: Path) -> str | None:
+    """The message of a seed that a group stopped for non-finite numbers (its status.json says so), else None."""
+    try:
+        status = json.loads((work_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(status, dict) and status.get(FAILED_SEED) is True and status.get("state") == "failed":
+        return str(status.get("message") or "failed")
+    return None
+
+
+def seed_console(seed: int, console=None):
+    """A group's console: each line prefixed with its seed."""
+    out = console if console is not None else sys.stdout
+    return lambda line: print(f"seed {seed} {line}", file=out, flush=True)
+
+
+def check_group_config(cfg: TrainConfig, seeds: Sequence[int]) -> None:
+    """SacaeError for a seed list a group cannot train, and for what a group does not do."""
+    if not seeds:
+        raise SacaeError("--seeds needs at least one seed.")
+    if len(set(seeds)) != len(seeds):
+        raise SacaeError(f"--seeds lists a seed twice ({' '.join(map(str, seeds))}).")
+    if cfg.resume is not None:
+        raise SacaeError(
+            "sacae train-seeds resumes its seeds when the same command runs again; drop --resume (it names one run)."
+        )
+    trackers = [name for name in cfg.trackers if name != "tensorboard"]
+    if trackers:
+        raise SacaeError(
+            f"Multi-seed runs log to TensorBoard only; drop --logger {trackers[0]} (or train each seed with "
+            f"`sacae train`)."
+        )
+
+
+def check_group_memory(run: SeedRun, num_seeds: int) -> None:
+    """SacaeError before training when this machine cannot hold the replay buffers of `num_seeds` seeds (each seed's
+    own check counted one)."""
+    placement = run.placement
+    host = placement.other_bytes + (placement.frame_bytes if placement.frames_device.type == "cpu" else 0)
+    needed = host * num_seeds
+    available = available_memory_bytes()
+    if available is not None and needed > available - MEMORY_RESERVE_BYTES:
+        n = placement.transitions
+        fits = max(0, int((available - MEMORY_RESERVE_BYTES) / (host / n) / num_seeds))
+        raise SacaeError(
+            f"The {num_seeds} replay buffers need {needed / 1e9:.1f} GB ({host / 1e9:.1f} GB each for {n:,} "
+            f"transitions) but this machine has {available / 1e9:.1f} GB available (keeping "
+            f"{MEMORY_RESERVE_BYTES / 1e9:.1f} GB free); lower --replay_buffer_capacity to at most {fits:,}, "
+            f"train for fewer --num_train_steps or train fewer seeds at once."
+        )
 
 
 def check_work_dir(cfg: TrainConfig, work: Path) -> bool:
@@ -700,12 +1052,14 @@ def len_fmt(nbytes: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def save_snapshot(path: Path, trainer: Trainer) -> None:
-    """The networks and temperature at this point, with the config that built them (loads with weights_only)."""
-    state = trainer.agent.state_dict()
+def save_snapshot(path: Path, trainer: Trainer, run: SeedRun | None = None, state: dict | None = None) -> None:
+    """A seed's networks and temperature at this point, with the config that built them (loads with
+    weights_only)."""
+    run = run or trainer.runs[0]
+    state = state if state is not None else trainer.agent.seed_state_dict(0)
     save_torch_atomic(
         {
-            "config": trainer.cfg.to_dict(),
+            "config": run.cfg.to_dict(),
             "env_steps": trainer.env_steps,
             "agent_steps": trainer.agent_steps,
             "networks": state["networks"],
