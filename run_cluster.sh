@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Schedule SEEDS training runs of one task, one Slurm job each (on this machine, a few at a time, where there is
-# no sbatch), with the configuration set below:
+# Schedule SEEDS training runs of one task, one Slurm job each, or SEEDS_PER_PROCESS seeds per job (on this
+# machine, a few processes at a time, where there is no sbatch), with the configuration set below:
 #
 #   ./run_cluster.sh walker walk [more sacae train flags, which win over the ones below]
 #   ./run_cluster.sh gymnasium:HalfCheetah-v5 [more sacae train flags]      (a Gymnasium environment)
@@ -26,6 +26,7 @@ OUTPUTS=${OUTPUTS---save_tb --save_video}      # add --save_model for network sn
 
 # ---- how many runs and where -------------------------------------------------------------------------------
 SEEDS=${SEEDS:-10}                             # seeds 1..SEEDS
+SEEDS_PER_PROCESS=${SEEDS_PER_PROCESS:-1}      # seeds trained together by one job (sacae train-seeds, one GPU)
 RUNS_DIR=${RUNS_DIR:-runs}
 DRY_RUN=${DRY_RUN:-}                           # 1: print the runs that would be scheduled, start nothing
 
@@ -58,8 +59,8 @@ if [ -z "${SACAE:-}" ]; then
   if [ -x "$HERE/.venv/bin/sacae" ]; then SACAE=$HERE/.venv/bin/sacae; else SACAE=sacae; fi
 fi
 
-sweep=(--tasks "$RUN_TASK" --num_seeds "$SEEDS" --runs_dir "$RUNS_DIR" --executor "$EXECUTOR"
-       --mem "$MEM" --signal_seconds "$SIGNAL_SECONDS")
+sweep=(--tasks "$RUN_TASK" --num_seeds "$SEEDS" --seeds_per_process "$SEEDS_PER_PROCESS" --runs_dir "$RUNS_DIR"
+       --executor "$EXECUTOR" --mem "$MEM" --signal_seconds "$SIGNAL_SECONDS")
 [ -n "$PARTITION" ] && sweep+=(--partition "$PARTITION")
 [ -n "$TIME" ] && sweep+=(--time "$TIME")
 [ -n "$CPUS" ] && sweep+=(--cpus_per_task "$CPUS")

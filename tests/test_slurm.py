@@ -199,3 +199,39 @@ def test_requeued_jobs_resume(slurm_env, tmp_path):
         episodes = [json.loads(line)["episode"] for line in (d / "train.log").read_text().splitlines()]
         assert episodes == list(range(1, 21)), "the requeued job started over instead of resuming"
     assert [row.state for row in collect_status([tmp_path / "runs"])] == ["finished", "finished"]
+
+
+def test_group_job_trains_its_seeds_and_resumes_after_usr1(slurm_env, tmp_path):
+    """SEEDS_PER_PROCESS=2: one job trains both seeds with `sacae train-seeds`; USR1 before the time limit makes it
+    checkpoint both seeds and requeue itself, and the requeued job resumes both; status shows each seed with the
+    group's job, and the sweep run again skips the group."""
+    submitted = run_cluster(tmp_path, slurm_env, *LONGER, OUTPUTS="", SEEDS_PER_PROCESS="2")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert submitted.stdout.count("submitted as job") == 1, submitted.stdout
+    dirs = run_dirs(tmp_path, 2)
+    assert job_id(dirs[0]) == job_id(dirs[1])
+    try:
+        wait_for(lambda: all(status_of(d).get("env_steps", 0) >= 1000 for d in dirs), 180, "the first episodes", dirs)
+        assert [(r.state, r.job) for r in collect_status([tmp_path / "runs"])] == [("running", job_id(dirs[0]))] * 2
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id(dirs[0])], env=slurm_env, check=True, timeout=60)
+        wait_for(lambda: jobs_done(dirs[:1]), 400, "the requeued group job to end", dirs[:1])
+    finally:
+        cancel(dirs[:1], slurm_env)
+
+    job = slurm_jobs([job_id(dirs[0])])[job_id(dirs[0])]
+    err = (dirs[0] / "stderr").read_text()
+    assert (job.state, job.restarts) == ("COMPLETED", 1), err[-3000:]
+    assert "checkpoint written; requeueing job" in err and f"job {job.job_id} (restart 1) started" in err
+    assert os.readlink(dirs[1] / "stderr") == "../seed_1/stderr"
+    for d in dirs:
+        assert f"--seeds 1 2 --runs_dir {tmp_path / 'runs'}\n" in (d / "run.sh").read_text()
+        assert f"#SBATCH --output={dirs[0]}/stdout" in (d / "run.slrm").read_text()
+        status = status_of(d)
+        assert status["state"] == "finished" and status["env_steps"] == status["total_env_steps"] == 20000
+        episodes = [json.loads(line)["episode"] for line in (d / "train.log").read_text().splitlines()]
+        assert episodes == list(range(1, 21)), "the requeued group started over instead of resuming"
+    assert [(r.state, r.job) for r in collect_status([tmp_path / "runs"])] == [("finished", job.job_id)] * 2
+
+    again = run_cluster(tmp_path, slurm_env, *LONGER, OUTPUTS="", SEEDS_PER_PROCESS="2")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("finished, skipped") == 2 and "submitted" not in again.stdout

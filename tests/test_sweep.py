@@ -243,6 +243,67 @@ def test_status_finds_a_run_started_by_sacae_train_itself(tmp_path):
     assert row.state == "finished"
 
 
+def test_group_sweep_trains_its_seeds_in_one_process(tmp_path):
+    """--seeds_per_process 2 over 2 seeds: one `sacae train-seeds` process trains both into the usual seed folders,
+    status shows both finished (with the group's process as their job), and the sweep run again skips them."""
+    runs = tmp_path / "runs"
+    first = local_sweep(runs, "--num_seeds", "2", "--seeds_per_process", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 run(s) on" in first.stdout and "in 1 process(es), 1 at a time" in first.stdout
+    assert first.stdout.count(": started, process") == 1, first.stdout
+    assert f"{TASK}/sac_states/seeds_1_2: started, process" in first.stdout
+    lead, other = run_dir(runs, 1), run_dir(runs, 2)
+    pid = (lead / "id").read_text()
+    for d in (lead, other):
+        assert (d / "id").read_text() == pid
+        script = (d / "run.sh").read_text()
+        assert f" train-seeds --task {TASK} " in script and f"--seeds 1 2 --runs_dir {runs}\n" in script
+        assert status_of(d)["state"] == "finished" and status_of(d)["seeds_in_process"] == [1, 2]
+    assert os.readlink(other / "stdout") == "../seed_1/stdout" and (lead / "stdout").is_file()
+    assert "| eval | S: 1000 |" in (other / "stdout").read_text()
+    rows = collect_status([runs])
+    assert [(r.seed, r.state, r.job) for r in rows] == [("1", "finished", pid.strip()), ("2", "finished", pid.strip())]
+
+    snapshot = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+    again = local_sweep(runs, "--num_seeds", "2", "--seeds_per_process", "2")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("finished, skipped") == 2 and "started" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == snapshot
+
+
+def test_running_group_is_found_for_every_seed_then_stopped_then_resumed(tmp_path):
+    """While a group's process trains, status shows each of its seeds running with that process and a second sweep
+    leaves the group alone; Ctrl-C stops both seeds with a checkpoint and the next sweep resumes them to the end."""
+    runs = tmp_path / "runs"
+    longer = [*TINY, "--num_train_steps", "2500", "--eval_freq", "1250"]
+    flags = ["--tasks", TASK, "--runs_dir", str(runs), "--num_seeds", "2", "--seeds_per_process", "2"]
+    dirs = [run_dir(runs, 1), run_dir(runs, 2)]
+    with background_cli(["sweep", "--executor", "local", *flags, "--", *longer], tmp_path) as background:
+        for d in dirs:
+            first_episode(d)
+        pid = (dirs[0] / "id").read_text().strip()
+        assert [(r.state, r.job) for r in collect_status([runs])] == [("running", pid)] * 2
+        again = sweep(
+            SweepArgs(tasks=(TASK,), train_args=tuple(longer), num_seeds=2, runs_dir=str(runs), executor="local",
+                      seeds_per_process=2),
+            say=lambda line: None, cwd=tmp_path,
+        )  # fmt: skip
+        assert again == {f"{TASK}/sac_states/seed_{s}": f"running {pid}" for s in (1, 2)}
+        background.send_signal(signal.SIGINT)
+        out, _ = background.communicate(timeout=120)
+    assert background.returncode == 130, out
+    rows = collect_status([runs])
+    assert [r.state for r in rows] == ["stopped", "stopped"], (rows, out)
+
+    resumed = local_sweep(runs, "--num_seeds", "2", "--seeds_per_process", "2", train=longer)
+    assert resumed.returncode == 0, resumed.stdout + (dirs[0] / "stderr").read_text()[-3000:]
+    assert f"seeds_1_2: resumed at {rows[0].env_steps} env steps" in resumed.stdout
+    assert [(r.state, r.env_steps) for r in collect_status([runs])] == [("finished", 20000)] * 2
+    for d in dirs:
+        episodes = [r["episode"] for r in map(json.loads, (d / "train.log").read_text().splitlines())]
+        assert episodes == list(range(1, 21))  # resumed, not started over
+
+
 def test_training_rate_leaves_the_seed_phase_out_once_updates_begin():
     seed_phase = [{"env_steps": 1000 * i, "duration": 1.0, "critic_loss": None} for i in (1, 2)]
     training = [{"env_steps": 1000 * i, "duration": 10.0, "critic_loss": 0.5} for i in (3, 4, 5)]
@@ -286,6 +347,10 @@ def one_sentence_error(capsys, argv) -> str:
         (["--num_seeds", "0"], "--num_seeds must be at least 1"),
         (["--seeds", "1", "1"], "--seeds lists a seed twice"),
         (["--max_parallel", "0"], "--max_parallel must be at least 1"),
+        (["--seeds_per_process", "0"], "--seeds_per_process must lie in [1, 10], the number of seeds of each task"),
+        (["--seeds_per_process", "-2"], "--seeds_per_process must lie in [1, 10]"),
+        (["--seeds", "4", "5", "--seeds_per_process", "3"], "--seeds_per_process must lie in [1, 2]"),
+        (["--seeds_per_process", "2", "--", "--logger", "wandb"], "Multi-seed runs log to TensorBoard only"),
     ],
 )
 def test_bad_sweeps(capsys, tmp_path, extra, expected):
@@ -344,6 +409,43 @@ def test_slurm_script(tmp_path):
     [plan] = plan_sweep(states, tmp_path)
     lines = sbatch_lines(states, plan)
     assert not any(line.startswith(("--gres", "--mem", "--partition", "--time")) for line in lines)
+
+
+def test_group_dry_run_and_slurm_script(tmp_path):
+    """run_cluster.sh passes SEEDS_PER_PROCESS on: one `train-seeds` command per group of consecutive seeds; a
+    group's job writes to its first seed's folder and asks for the memory of all its seeds."""
+    commands = dry_run(tmp_path, "run_cluster.sh", "cartpole", "swingup", SEEDS="3", SEEDS_PER_PROCESS="2")
+    assert len(commands) == 2 and all(" train-seeds --task cartpole_swingup " in c for c in commands)
+    assert commands[0].endswith(f"--seeds 1 2 --runs_dir {tmp_path / 'runs'}")
+    assert commands[1].endswith(f"--seeds 3 --runs_dir {tmp_path / 'runs'}")
+
+    args = SweepArgs(tasks=("walker_walk",), num_seeds=3, seeds_per_process=2, runs_dir="r")
+    first, second, third = plan_sweep(args, tmp_path)
+    assert first.command == second.command and first.group == second.group == (1, 2) and third.group == (3,)
+    lines = sbatch_lines(args, second)
+    lead = tmp_path / "r" / "walker_walk" / "sac_ae" / "seed_1"
+    for expected in ("--job-name=walker_walk.sac_ae.seeds_1_2", f"--output={lead}/stdout", f"--error={lead}/stderr",
+                     "--gres=gpu:1", "--requeue", "--signal=B:USR1@300"):  # fmt: skip
+        assert expected in lines
+    # Two sac_ae seeds of 1M transitions: twice (19.8 GiB of replay plus 2 GiB), plus 1 GiB; one seed alone 23G.
+    assert "--mem=45G" in lines and "--mem=23G" in sbatch_lines(args, third)
+    assert f"bash {lead}/run.sh &" in slurm_script(args, second)
+
+
+def test_a_started_run_keeps_its_grouping(capsys, tmp_path):
+    """A run started alone (or in another group) is not resumed in a group: a group resumes from a checkpoint that
+    all its seeds have."""
+    args = SweepArgs(tasks=(TASK,), train_args=tuple(TINY), num_seeds=2, runs_dir=str(tmp_path / "runs"))
+    plans = plan_sweep(args, tmp_path)
+    d = plans[1].run_dir
+    d.mkdir(parents=True)
+    (d / "run.sh").write_text(f"exec {' '.join(plans[1].command)}\n")
+    (d / "status.json").write_text('{"state": "stopped"}')
+    flags = ["--tasks", TASK, "--num_seeds", "2", "--runs_dir", str(tmp_path / "runs"), "--dry_run"]
+    line = one_sentence_error(capsys, ["sweep", *flags, "--seeds_per_process", "2", "--", *TINY])
+    assert f"{d} was started in a process of its own and this sweep would resume it with seeds 1 2" in line
+    assert main(["sweep", *flags, "--", *TINY]) == 0  # the grouping it was started with
+    assert "seed_2: would resume" in capsys.readouterr().out
 
 
 def test_auto_executor_without_sbatch(monkeypatch):

@@ -6,11 +6,16 @@ Each run folder gets its exact training command (run.sh), its Slurm script (run.
 id (id: the Slurm job id, or the process id of a local run) and the job's stdout and stderr, beside what training
 writes. Running the same sweep again skips finished runs, leaves queued or running ones alone and starts the rest
 again with the same command, which resumes them from their checkpoints.
+
+With --seeds_per_process N each job trains N seeds of a task with `sacae train-seeds`; every seed folder of the
+group holds the group's run.sh, run.slrm and id, and the group's stdout and stderr are those of its first seed
+(links to them in the others), so that status and the sweep find the job from any of its seeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -109,7 +114,11 @@ class SweepArgs:
 
     # --- local ---
     max_parallel: int | None = None
-    """Local runs at once (default: as many as this machine's cores and memory allow, at least 1)."""
+    """Local processes at once (default: as many as this machine's cores and memory allow, at least 1)."""
+
+    seeds_per_process: int = 1
+    """Seeds trained together by one job or process (`sacae train-seeds`, meant for one GPU): each task's seeds are
+    split into groups of this many consecutive seeds; 1 trains each seed with `sacae train`."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +131,26 @@ class RunPlan:
     seed: int
     run_dir: Path
     command: tuple[str, ...]
+    """What trains the run: its own `sacae train`, or its group's `sacae train-seeds`."""
     cfg: TrainConfig
+    group: tuple[int, ...] = ()
+    """The seeds its `sacae train-seeds` process trains, this one among them; () for a run of its own."""
 
     @property
     def name(self) -> str:
         return f"{self.task}/{self.configuration}/seed_{self.seed}"
+
+    @property
+    def lead_dir(self) -> Path:
+        """The folder of the first seed of its process, which holds the process's stdout and stderr."""
+        return self.run_dir.parent / f"seed_{self.group[0]}" if self.group else self.run_dir
+
+    @property
+    def process_name(self) -> str:
+        """The name of its job or process: the run's, or its group's (walker_walk/sac_ae/seeds_1_2)."""
+        if not self.group:
+            return self.name
+        return f"{self.task}/{self.configuration}/seeds_{'_'.join(map(str, self.group))}"
 
 
 @dataclass(frozen=True)
@@ -213,7 +237,16 @@ def plan_sweep(args: SweepArgs, cwd: Path | None = None) -> list[RunPlan]:
     outside = [s for s in seeds if not 0 <= s <= MAX_SEED]
     if outside:
         raise SacaeError(f"Seeds lie in [0, {MAX_SEED}] (numpy's RandomState takes no others); got {outside[0]}.")
+    per = args.seeds_per_process
+    if not 1 <= per <= len(seeds):
+        raise SacaeError(
+            f"--seeds_per_process must lie in [1, {len(seeds)}], the number of seeds of each task (got {per})."
+        )
     base = parse_train_args(args.train_args)
+    if per > 1:
+        from sacae.multiseed import check_multiseed_config  # imported lazily: it imports torch
+
+        check_multiseed_config(base, seeds[:per])
     runs_dir = ((cwd or Path.cwd()) / args.runs_dir).resolve()
     exe = sacae_command()
     plans = []
@@ -223,11 +256,36 @@ def plan_sweep(args: SweepArgs, cwd: Path | None = None) -> list[RunPlan]:
         name = cfg.env_name
         if folders.setdefault(name, task) != task:
             raise SacaeError(f"--tasks {folders[name]} and {task} would share the run folders {name}/; give one.")
-        for seed in seeds:
-            run_dir = runs_dir / name / cfg.configuration / f"seed_{seed}"
-            command = (*exe, "train", *env_flag, *args.train_args, "--seed", str(seed), "--work_dir", str(run_dir))
-            plans.append(RunPlan(name, cfg.configuration, seed, run_dir, command, dataclasses.replace(cfg, seed=seed)))
+        for start in range(0, len(seeds), per):
+            group = seeds[start : start + per] if per > 1 else ()
+            if group:
+                seed_args = ("--seeds", *map(str, group), "--runs_dir", str(runs_dir))
+                command = (*exe, "train-seeds", *env_flag, *args.train_args, *seed_args)
+            for seed in group or seeds[start : start + 1]:
+                run_dir = runs_dir / name / cfg.configuration / f"seed_{seed}"
+                if not group:
+                    command = (*exe, "train", *env_flag, *args.train_args, "--seed", str(seed), "--work_dir",
+                               str(run_dir))  # fmt: skip
+                run_cfg = dataclasses.replace(cfg, seed=seed)
+                plans.append(RunPlan(name, cfg.configuration, seed, run_dir, command, run_cfg, group))
     return plans
+
+
+def process_groups(plans: list[RunPlan]) -> list[list[RunPlan]]:
+    """The plans in the groups that one job or process trains, in order."""
+    groups: list[list[RunPlan]] = []
+    for plan in plans:
+        if groups and plan.group and groups[-1][0].group == plan.group and groups[-1][0].task == plan.task:
+            groups[-1].append(plan)
+        else:
+            groups.append([plan])
+    return groups
+
+
+def process_memory_bytes(plan: RunPlan) -> int:
+    """A generous estimate of the peak memory of the process that trains `plan`: every seed it trains counted as a
+    run of its own."""
+    return max(1, len(plan.group)) * run_memory_bytes(plan.cfg)
 
 
 def run_memory_bytes(cfg: TrainConfig) -> int:
@@ -271,7 +329,8 @@ def trainer_pid(status: dict[str, Any]) -> str | None:
 
 def local_process_alive(pid_text: str | None, run_dir: Path) -> bool:
     """Whether process `pid_text` still runs this run on this machine: its command line names the run folder (or a
-    path inside it), as given or relative to the process's working directory, alone or as `--flag=PATH`."""
+    path inside it), as given or relative to the process's working directory, alone or as `--flag=PATH`, or it is
+    a `sacae train-seeds` whose --seeds and --runs_dir make this run folder one of its seeds'."""
     if not pid_text or not pid_text.isdigit():
         return False
     proc = Path("/proc") / pid_text
@@ -294,7 +353,33 @@ def local_process_alive(pid_text: str | None, run_dir: Path) -> bool:
         path = os.path.realpath(os.path.join(cwd, value)) if cwd else value
         if path == folder or path.startswith(folder + os.sep):
             return True
-    return False
+    group = group_of(argv)
+    if group is None:
+        return False
+    seeds, runs_dir = group
+    match = re.fullmatch(r"seed_(\d+)", os.path.basename(folder))
+    # A group's seed folders are RUNS_DIR/<task>/<configuration>/seed_<i>, which its command line does not name.
+    runs = os.path.realpath(os.path.join(cwd, runs_dir)) if cwd else runs_dir
+    parents = Path(folder).parents
+    return match is not None and int(match.group(1)) in seeds and len(parents) > 2 and parents[2] == Path(runs)
+
+
+def group_of(argv: Sequence[str]) -> tuple[set[int], str] | None:
+    """The seeds and the runs folder of a `sacae train-seeds` command line (None for any other command)."""
+    if "train-seeds" not in argv:
+        return None
+    args = list(argv[argv.index("train-seeds") + 1 :])
+    seeds: set[int] = set()
+    runs_dir = "runs"  # train-seeds' default
+    for i, arg in enumerate(args):
+        name = flag_name(arg)
+        if name == "runs_dir":
+            runs_dir = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else runs_dir)
+        elif name == "seeds":
+            values = [arg.split("=", 1)[1]] if "=" in arg else itertools.takewhile(lambda a: not a.startswith("-"),
+                                                                                   args[i + 1 :])  # fmt: skip
+            seeds = {int(v) for v in values if v.isdigit()}
+    return seeds, runs_dir
 
 
 def write_text(path: Path, text: str, mode: int = 0o644) -> None:
@@ -305,12 +390,12 @@ def write_text(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def run_script(plan: RunPlan, cwd: Path) -> str:
-    return (
-        "#!/usr/bin/env bash\n"
-        f"# Training run {plan.name}, written by `sacae sweep`. Running it again resumes the run.\n"
-        f"cd {shlex.quote(str(cwd))}\n"
-        f"exec {shlex.join(plan.command)}\n"
+    what = (
+        (f"Training runs {plan.process_name} in one process" if plan.group else f"Training run {plan.name}")
+        + ", written by `sacae sweep`. Running it again resumes "
+        + ("them" if plan.group else "the run")
     )
+    return f"#!/usr/bin/env bash\n# {what}.\ncd {shlex.quote(str(cwd))}\nexec {shlex.join(plan.command)}\n"
 
 
 def check_script(run_sh: Path) -> tuple[list[str] | None, str | None]:
@@ -350,9 +435,41 @@ def damaged_files(run_dir: Path) -> dict[str, str]:
 
 
 def train_part(command: Sequence[str]) -> list[str]:
-    """The arguments after `train`: what defines the run, whichever sacae installation starts it."""
+    """The arguments after `train` or `train-seeds`, what defines the run whichever sacae installation starts it,
+    with the seeds left out and the run folder as the runs folder above it (`--runs_dir RUNS_DIR`): the same
+    training flags whether the run trains alone or in a group."""
     command = list(command)
-    return command[command.index("train") + 1 :] if "train" in command else command
+    for sub in ("train", "train-seeds"):
+        if sub in command:
+            command = command[command.index(sub) + 1 :]
+            break
+    flags: list[str] = []
+    skip = False  # inside the values of --seeds
+    for i, token in enumerate(command):
+        name = flag_name(token)
+        if name is not None:
+            skip = name in ("seed", "seeds")
+        if skip or (i > 0 and flag_name(command[i - 1]) in ("work_dir", "runs_dir")):
+            continue
+        if name == "work_dir" and i + 1 < len(command):
+            flags += ["--runs_dir", str(Path(command[i + 1]).parent.parent.parent)]
+        elif name == "runs_dir" and i + 1 < len(command):
+            flags += ["--runs_dir", command[i + 1]]
+        else:
+            flags.append(token)
+    return flags
+
+
+def process_seeds(command: Sequence[str] | None) -> tuple[int, ...] | None:
+    """The seeds a run.sh's process trains together: those of its `sacae train-seeds`, () for `sacae train`."""
+    if command is None:
+        return None
+    group = group_of(command)
+    if group is None:
+        return ()
+    command = list(command)
+    start = command.index("--seeds") + 1 if "--seeds" in command else len(command)
+    return tuple(int(a) for a in itertools.takewhile(lambda a: a.isdigit(), command[start:]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,10 +477,10 @@ def train_part(command: Sequence[str]) -> list[str]:
 
 
 def sbatch_lines(args: SweepArgs, plan: RunPlan) -> list[str]:
-    """The #SBATCH options of one run's job."""
-    d = plan.run_dir
+    """The #SBATCH options of one run's job (of its group's, for a run trained in a group)."""
+    d = plan.lead_dir
     options = [
-        f"--job-name={plan.task}.{plan.configuration}.seed_{plan.seed}",
+        f"--job-name={plan.process_name.replace('/', '.')}",
         f"--output={d / 'stdout'}",
         f"--error={d / 'stderr'}",
         "--open-mode=append",
@@ -382,7 +499,7 @@ def sbatch_lines(args: SweepArgs, plan: RunPlan) -> list[str]:
     if gpus:
         options.append(f"--gres=gpu:{gpus}")
     if args.mem == "auto":
-        options.append(f"--mem={math.ceil((run_memory_bytes(plan.cfg) + 1024**3) / 1024**3)}G")
+        options.append(f"--mem={math.ceil((process_memory_bytes(plan) + 1024**3) / 1024**3)}G")
     elif args.mem.lower() != "none":
         options.append(f"--mem={args.mem}")
     if args.account:
@@ -395,12 +512,14 @@ def slurm_script(args: SweepArgs, plan: RunPlan) -> str:
     """The batch script: run run.sh in the background so that the shell can take Slurm's USR1, pass it on (the
     trainer writes a checkpoint and exits 138) and requeue the job, whose next start runs run.sh again and resumes."""
     header = "".join(f"#SBATCH {o}\n" for o in sbatch_lines(args, plan))
-    run_sh = shlex.quote(str(plan.run_dir / "run.sh"))
+    run_sh = shlex.quote(str(plan.lead_dir / "run.sh"))
+    what = f"Training runs {plan.process_name} in one process" if plan.group else f"Training run {plan.name}"
+    them = "them" if plan.group else "the run"
     return f"""#!/bin/bash
 {header}
-# Training run {plan.name}, written by `sacae sweep`.
+# {what}, written by `sacae sweep`.
 # Slurm sends USR1 to this shell {args.signal_seconds} s before the time limit: the trainer is told to write a
-# checkpoint and stop, then the job requeues itself; the requeued job runs run.sh again, which resumes the run.
+# checkpoint and stop, then the job requeues itself; the requeued job runs run.sh again, which resumes {them}.
 P="{SCRIPT_PREFIX}"
 echo "$P job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) started on $(hostname) at $(date '+%F %T')" >&2
 # As many compute threads as CPUs allocated (Slurm's default is one): more threads than cores slow training down
@@ -496,56 +615,63 @@ def submit_slurm(run_dir: Path) -> str:
 # Local
 
 
-def local_max_parallel(cfg: TrainConfig) -> int:
-    """Runs at once on this machine: one core each (or --num_threads), within the memory available now."""
+def local_max_parallel(plan: RunPlan) -> int:
+    """Processes at once on this machine: one core (or --num_threads) for each seed a process trains, within the
+    memory available now."""
     from sacae.placement import available_memory_bytes
 
     cores = len(os.sched_getaffinity(0))
-    by_cores = cores // (cfg.num_threads or 1)
+    by_cores = cores // ((plan.cfg.num_threads or 1) * max(1, len(plan.group)))
     available = available_memory_bytes()
-    by_memory = available // run_memory_bytes(cfg) if available is not None else by_cores
+    by_memory = available // process_memory_bytes(plan) if available is not None else by_cores
     return max(1, min(by_cores, by_memory))
 
 
 @dataclass
 class LocalRun:
-    plan: RunPlan
+    """One process of a local sweep and the runs it trains (one, or its group's)."""
+
+    plans: list[RunPlan]
     process: subprocess.Popen
     started: float
 
 
 def run_local(
-    plans: list[RunPlan], max_parallel: int, say: Callable[[str], None], progress_seconds: float = 60.0
+    groups: list[list[RunPlan]], max_parallel: int, say: Callable[[str], None], progress_seconds: float = 60.0
 ) -> dict[str, int]:
-    """Run the plans as processes of this machine, `max_parallel` at a time, and wait for all; returns each run's
-    exit status by name. Ctrl-C (or SIGTERM to the sweep) asks every run to checkpoint and stop, and waits."""
+    """Run each group of plans as one process of this machine (a run of its own, or a group's `sacae
+    train-seeds`), `max_parallel` at a time, and wait for all; returns each run's exit status by name. Ctrl-C (or
+    SIGTERM to the sweep) asks every process to checkpoint and stop, and waits."""
     threads = max(1, len(os.sched_getaffinity(0)) // max_parallel)
-    waiting, running, codes = list(plans), [], {}
+    waiting, running, codes = list(groups), [], {}
+    total = sum(map(len, groups))
     last_check = last_said = time.time()
     last_line = ""
 
-    def start(plan: RunPlan) -> None:
-        if local_process_alive(read_id(plan.run_dir), plan.run_dir):
-            say(f"{plan.name}: already running as process {read_id(plan.run_dir)}, left alone")
+    def start(group: list[RunPlan]) -> None:
+        lead = group[0]
+        if local_process_alive(read_id(lead.run_dir), lead.run_dir):
+            say(f"{lead.process_name}: already running as process {read_id(lead.run_dir)}, left alone")
             return
-        previous = read_status(plan.run_dir)
+        previous = read_status(lead.run_dir)
         env = dict(os.environ)
-        if "--num_threads" not in plan.command and "OMP_NUM_THREADS" not in env:
+        if "--num_threads" not in lead.command and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = str(threads)
-        with open(plan.run_dir / "stdout", "ab") as out, open(plan.run_dir / "stderr", "ab") as err:
+        with open(lead.run_dir / "stdout", "ab") as out, open(lead.run_dir / "stderr", "ab") as err:
             # A session of its own: Ctrl-C reaches the sweep, which passes exactly one SIGINT on to each run.
             process = subprocess.Popen(
-                ["bash", str(plan.run_dir / "run.sh")],
+                ["bash", str(lead.run_dir / "run.sh")],
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
             )
-        write_text(plan.run_dir / "id", f"{process.pid}\n")
-        running.append(LocalRun(plan, process, time.time()))
+        for plan in group:
+            write_text(plan.run_dir / "id", f"{process.pid}\n")
+        running.append(LocalRun(group, process, time.time()))
         verb = f"resumed at {previous.get('env_steps')} env steps" if previous else "started"
-        say(f"{plan.name}: {verb}, process {process.pid}")
+        say(f"{lead.process_name}: {verb}, process {process.pid}")
 
     def reap() -> None:
         for run in list(running):
@@ -553,17 +679,23 @@ def run_local(
             if code is None:
                 continue
             running.remove(run)
-            codes[run.plan.name] = code
-            done = f"{len(codes)}/{len(plans)}"
             took = f"{time.time() - run.started:.0f} s"
-            status = read_status(run.plan.run_dir) or {}
-            if code == 0:
-                say(f"[{done}] {run.plan.name}: finished in {took}")
-            elif status.get("state") == "stopped":  # a signal from outside the sweep: it checkpointed and stopped
-                say(f"[{done}] {run.plan.name}: stopped at {status.get('env_steps')} env steps after {took}, with a "
-                    "checkpoint; run the sweep again to resume")  # fmt: skip
-            else:
-                say(f"[{done}] {run.plan.name}: exited with status {code} after {took}; see {run.plan.run_dir}/stderr")
+            for plan in run.plans:
+                status = read_status(plan.run_dir) or {}
+                # A group exits 0 while any of its seeds finished; a seed that failed alone says so in its status.
+                failed_alone = code == 0 and status.get("state") == "failed"
+                codes[plan.name] = 3 if failed_alone else code
+                done = f"{len(codes)}/{total}"
+                if failed_alone:
+                    say(f"[{done}] {plan.name}: failed after {took} ({status.get('message')}), the other seeds of "
+                        f"its process went on")  # fmt: skip
+                elif code == 0:
+                    say(f"[{done}] {plan.name}: finished in {took}")
+                elif status.get("state") == "stopped":  # a signal from outside the sweep: it checkpointed, stopped
+                    say(f"[{done}] {plan.name}: stopped at {status.get('env_steps')} env steps after {took}, with a "
+                        "checkpoint; run the sweep again to resume")  # fmt: skip
+                else:
+                    say(f"[{done}] {plan.name}: exited with status {code} after {took}; see {plan.lead_dir}/stderr")
 
     def forward(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -578,12 +710,13 @@ def run_local(
             if running and time.time() - last_check >= progress_seconds:
                 # A line when the runs have moved on, else one every ten intervals to show the sweep is alive.
                 last_check = time.time()
-                line = local_progress(running, len(waiting), len(codes))
+                line = local_progress(running, sum(map(len, waiting)), len(codes))
                 if line != last_line or last_check - last_said >= 10 * progress_seconds:
                     say(line)
                     last_said, last_line = last_check, line
     except KeyboardInterrupt:
-        say(f"stopping {len(running)} running run(s): each writes a checkpoint; run the sweep again to resume")
+        stopping = sum(len(run.plans) for run in running)
+        say(f"stopping {stopping} running run(s): each writes a checkpoint; run the sweep again to resume")
         for run in running:
             if run.process.poll() is None:
                 run.process.send_signal(signal.SIGINT)
@@ -604,11 +737,11 @@ def _main_thread() -> bool:
 
 def local_progress(running: list[LocalRun], waiting: int, done: int) -> str:
     parts = []
-    for run in running:
-        status = read_status(run.plan.run_dir) or {}
+    for plan in (plan for run in running for plan in run.plans):
+        status = read_status(plan.run_dir) or {}
         steps, total = status.get("env_steps"), status.get("total_env_steps")
-        parts.append(f"{run.plan.name} {steps}/{total}" if steps is not None else f"{run.plan.name} starting")
-    return f"{len(running)} running ({', '.join(parts)}), {waiting} waiting, {done} done"
+        parts.append(f"{plan.name} {steps}/{total}" if steps is not None else f"{plan.name} starting")
+    return f"{len(parts)} running ({', '.join(parts)}), {waiting} waiting, {done} done"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -657,8 +790,8 @@ def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path |
 
     Returns what happened to each run, by name (`task/configuration/seed_i`): submitted JOB_ID, started,
     finished, running JOB_ID, exited N (local), damaged (left alone: its config.json, or the id of its Slurm job,
-    cannot be read), or planned (dry run). Slurm runs return as soon as they are submitted; local runs return when
-    they have all ended.
+    cannot be read), blocked (left alone: it trains in one process with a damaged run), or planned (dry run).
+    Slurm runs return as soon as they are submitted; local runs return when they have all ended.
     """
     if say is None:
 
@@ -685,71 +818,121 @@ def sweep(args: SweepArgs, say: Callable[[str], None] | None = None, cwd: Path |
         jobs = jobs or {}
 
     outcome: dict[str, str] = {}
-    to_start: list[RunPlan] = []
-    for plan in plans:
-        status = read_status(plan.run_dir) or {}
-        job_id = read_id(plan.run_dir)
-        slurm = (plan.run_dir / "run.slrm").exists()
-        damaged = damaged_files(plan.run_dir)
-        if status.get("state") == "finished":
-            outcome[plan.name] = "finished"
-            say(f"{plan.name}: finished, skipped")
+    to_start: list[list[RunPlan]] = []
+    for group in process_groups(plans):
+        verdicts = [run_verdict(plan, jobs) for plan in group]
+        results = [result for result, _ in verdicts]
+        live = next((r for r in results if r is not None and r.startswith("running")), None)
+        if all(r == "finished" for r in results) or live or "damaged" in results:
+            # The process trains its seeds together: it starts for all of them or for none.
+            for plan, (result, line) in zip(group, verdicts, strict=True):
+                if result is None:
+                    why = f"its job or process {live.split()[1]} runs" if live else "another of its seeds is damaged"
+                    result = live or "blocked"
+                    line = f"{plan.name}: trained in one process as {plan.process_name}; {why}, left alone"
+                outcome[plan.name] = result
+                say(line)
             continue
-        if slurm and job_id in jobs and jobs[job_id].live:
-            outcome[plan.name] = f"running {job_id}"
-            say(f"{plan.name}: job {job_id} is {jobs[job_id].state.lower()}, left alone")
-            continue
-        if local_process_alive(pid := job_id or (None if slurm else trainer_pid(status)), plan.run_dir):
-            outcome[plan.name] = f"running {pid}"
-            say(f"{plan.name}: process {pid} is running, left alone")
-            continue
-        if "config.json" in damaged:
-            outcome[plan.name] = "damaged"
-            say(f"{plan.name}: its config.json {damaged['config.json']}, so the run cannot resume; left alone "
-                f"(remove {plan.run_dir} to start it over)")  # fmt: skip
-            continue
-        if slurm and "id" in damaged:
-            outcome[plan.name] = "damaged"
-            say(f"{plan.name}: its id file {damaged['id']}, so the sweep cannot tell whether its Slurm job still "
-                f"runs; left alone (once squeue shows no job of it, remove {plan.run_dir / 'id'} and run the sweep "
-                "again)")  # fmt: skip
-            continue
-        for name, problem in damaged.items():
-            then = "the run starts again, from its last checkpoint" if name == "status.json" else "it is written anew"
-            say(f"{plan.name}: its {name} {problem}; {then}")
-        to_start.append(plan)
+        for plan in group:
+            check_same_group(plan)
+            for name, problem in damaged_files(plan.run_dir).items():
+                again = name == "status.json"
+                then = "the run starts again, from its last checkpoint" if again else "it is written anew"
+                say(f"{plan.name}: its {name} {problem}; {then}")
+        to_start.append(group)
 
     if args.dry_run:
-        for plan in to_start:
-            outcome[plan.name] = "planned"
-            say(f"{plan.name}: would {'resume' if read_status(plan.run_dir) else 'start'}: {shlex.join(plan.command)}")
+        for group in to_start:
+            lead = group[0]
+            resume = any(read_status(plan.run_dir) for plan in group)
+            for plan in group:
+                outcome[plan.name] = "planned"
+            say(f"{lead.process_name}: would {'resume' if resume else 'start'}: {shlex.join(lead.command)}")
         return outcome
 
-    for plan in to_start:
-        plan.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(plan.run_dir / "run.sh", run_script(plan, cwd), 0o755)
-        if executor == "slurm":
-            write_text(plan.run_dir / "run.slrm", slurm_script(args, plan), 0o755)
-        else:
-            (plan.run_dir / "run.slrm").unlink(missing_ok=True)  # this run is no longer a Slurm job
+    for group in to_start:
+        for plan in group:
+            plan.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(plan.run_dir / "run.sh", run_script(plan, cwd), 0o755)
+            if executor == "slurm":
+                write_text(plan.run_dir / "run.slrm", slurm_script(args, plan), 0o755)
+            else:
+                (plan.run_dir / "run.slrm").unlink(missing_ok=True)  # this run is no longer a Slurm job
+            link_outputs(plan)
 
     if executor == "slurm":
-        for plan in to_start:
-            resumed = read_status(plan.run_dir)
-            job_id = submit_slurm(plan.run_dir)
-            write_text(plan.run_dir / "id", f"{job_id}\n")
-            outcome[plan.name] = f"submitted {job_id}"
+        for group in to_start:
+            lead = group[0]
+            resumed = read_status(lead.run_dir)
+            job_id = submit_slurm(lead.run_dir)
+            for plan in group:
+                write_text(plan.run_dir / "id", f"{job_id}\n")
+                outcome[plan.name] = f"submitted {job_id}"
             verb = f"resubmitted (resumes at {resumed.get('env_steps')} env steps)" if resumed else "submitted"
-            say(f"{plan.name}: {verb} as job {job_id}")
+            say(f"{lead.process_name}: {verb} as job {job_id}")
         if to_start:
             say(f"{len(to_start)} job(s) submitted; `sacae status {args.runs_dir}` shows them")
         return outcome
 
     if to_start:
-        # No more at a time than there are runs: the cores of the slots left empty go to the runs' threads.
-        parallel = min(args.max_parallel or local_max_parallel(to_start[0].cfg), len(to_start))
-        say(f"{len(to_start)} run(s) on {socket.gethostname()}, {parallel} at a time")
+        # No more at a time than there are processes: the cores of the slots left empty go to their threads.
+        parallel = min(args.max_parallel or local_max_parallel(to_start[0][0]), len(to_start))
+        runs = sum(map(len, to_start))
+        grouped = f" in {len(to_start)} process(es)" if to_start[0][0].group else ""
+        say(f"{runs} run(s) on {socket.gethostname()}{grouped}, {parallel} at a time")
         codes = run_local(to_start, parallel, say)
         for name, code in codes.items():
             outcome[name] = "finished" if code == 0 else f"exited {code}"
     return outcome
+
+
+def run_verdict(plan: RunPlan, jobs: dict[str, SlurmJob]) -> tuple[str | None, str]:
+    """What a sweep does with one run, as its outcome and the line that says so: finished, running JOB_ID or
+    damaged, all left alone; None (and no line) for a run to start."""
+    status = read_status(plan.run_dir) or {}
+    job_id = read_id(plan.run_dir)
+    slurm = (plan.run_dir / "run.slrm").exists()
+    damaged = damaged_files(plan.run_dir)
+    if status.get("state") == "finished":
+        return "finished", f"{plan.name}: finished, skipped"
+    if slurm and job_id in jobs and jobs[job_id].live:
+        return f"running {job_id}", f"{plan.name}: job {job_id} is {jobs[job_id].state.lower()}, left alone"
+    if local_process_alive(pid := job_id or (None if slurm else trainer_pid(status)), plan.run_dir):
+        return f"running {pid}", f"{plan.name}: process {pid} is running, left alone"
+    if "config.json" in damaged:
+        return "damaged", (f"{plan.name}: its config.json {damaged['config.json']}, so the run cannot resume; left "
+                           f"alone (remove {plan.run_dir} to start it over)")  # fmt: skip
+    if slurm and "id" in damaged:
+        return "damaged", (f"{plan.name}: its id file {damaged['id']}, so the sweep cannot tell whether its Slurm job "
+                           f"still runs; left alone (once squeue shows no job of it, remove {plan.run_dir / 'id'} and "
+                           "run the sweep again)")  # fmt: skip
+    return None, ""
+
+
+def check_same_group(plan: RunPlan) -> None:
+    """A started run goes on with the seeds it trained with: a group resumes from a checkpoint that all its seeds
+    have, so a seed joining other seeds would take the group back to the start (or itself)."""
+    started = (plan.run_dir / "status.json").exists() or (plan.run_dir / "train.log").exists()
+    before = process_seeds(script_command(plan.run_dir / "run.sh"))
+    if not started or before is None or before == plan.group:
+        return
+    was = f"with seeds {' '.join(map(str, before))} in one process" if before else "in a process of its own"
+    now = f"with seeds {' '.join(map(str, plan.group))}" if plan.group else "in a process of its own"
+    raise SacaeError(
+        f"{plan.run_dir} was started {was} and this sweep would resume it {now}; run the sweep with the "
+        f"--seeds_per_process it was started with, or use another --runs_dir."
+    )
+
+
+def link_outputs(plan: RunPlan) -> None:
+    """A group's stdout and stderr are its first seed's files; the other seeds' folders link to them."""
+    for name in ("stdout", "stderr"):
+        path = plan.run_dir / name
+        if plan.run_dir == plan.lead_dir:
+            if path.is_symlink():  # the folder led no group before, and now it does
+                path.unlink()
+            continue
+        temporary = path.with_name(f".{name}.link")
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(Path("..") / plan.lead_dir.name / name)
+        os.replace(temporary, path)
