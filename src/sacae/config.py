@@ -240,7 +240,8 @@ class TrainConfig:
 
     @property
     def checkpoint_agent_steps(self) -> int:
-        """Agent steps between periodic checkpoints (0: none)."""
+        """Agent steps between periodic checkpoints (0: none). The one place --checkpoint_every, in environment
+        steps, becomes agent steps (rounded down, at least one), the unit of `sacae.schedule`."""
         if self.checkpoint_every is None:
             return self.eval_freq
         if self.checkpoint_every == 0:

@@ -1,5 +1,5 @@
 """The training loop of a group of N >= 1 seeds in lockstep (`sacae train` is N = 1): collect, update every agent
-step after the seed phase, evaluate every `eval_freq` steps, checkpoint every seed.
+step after the seed phase, evaluate every `eval_freq` steps, checkpoint every seed; `sacae.schedule` says when.
 
 The loop follows the authors' release step by step (pick a_t, run the update(s) of step t on the replay as it
 stands, step the environment with a_t, store the transition) and counts both clocks explicitly: `agent_steps`
@@ -56,6 +56,7 @@ from sacae.rundir import (
     run_finished,
     write_status,
 )
+from sacae.schedule import Schedule
 from sacae.storage import check_writable, load_torch, save_torch_atomic, write_text_atomic, writing
 from sacae.trackers import check_installed
 from sacae.video import VideoRecorder
@@ -255,6 +256,7 @@ class Trainer:
             folders = [os.fspath(seed_dir(runs_dir or "runs", cfg, s)) for s in seeds]
             configs = [dataclasses.replace(cfg, seed=s, work_dir=w) for s, w in zip(seeds, folders, strict=True)]
         self.cfg = configs[0]
+        self.schedule = Schedule(self.cfg)
         self.group = seeds is not None
         self.device = select_device(cfg.device)
         check_replay_device(cfg, self.device)
@@ -438,19 +440,14 @@ class Trainer:
 
     @property
     def env_steps(self) -> int:
-        return self.agent_steps * self.cfg.action_repeat
+        return self.schedule.env_steps(self.agent_steps)
 
     def elapsed_seconds(self, run: SeedRun) -> float:
         return run.elapsed_before + time.time() - self.session_start
 
     def updates_at(self, agent_steps: int) -> int:
-        """How many updates run at this agent step (the seed phase's burst, or its spread, included)."""
-        init = self.cfg.init_steps
-        if agent_steps < init or agent_steps == 0:  # nothing stored yet at step 0
-            return 0
-        if self.cfg.seed_updates == "burst":
-            return init if agent_steps == init else 1
-        return 2 if agent_steps < 2 * init - 1 else 1
+        """How many updates run at this agent step; see `Schedule.updates_at`."""
+        return self.schedule.updates_at(agent_steps)
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -461,7 +458,7 @@ class Trainer:
         where = self.runs[0].work_dir.parent if self.group else self.work_dir
         return (
             f"sacae: {cfg.configuration} on {cfg.env_name} (action repeat {cfg.action_repeat}), {seeds}"
-            f"{cfg.num_train_steps:,} agent steps = {cfg.num_train_steps * cfg.action_repeat:,} env steps, "
+            f"{cfg.num_train_steps:,} agent steps = {self.schedule.env_steps(cfg.num_train_steps):,} env steps, "
             f"device {self.device}, {cfg.precision}, {count(threads, 'thread')}, overlap "
             f"{'on' if self.overlap else 'off'}; replay {len_fmt(per)} per transition, "
             f"{self.replay_bytes / 1e9:.2f} GB for {first.replay.capacity:,}"
@@ -491,7 +488,7 @@ class Trainer:
                 print(f"sacae: resuming from {run.resumed_from} at env step {self.env_steps:,}", file=sys.stderr,
                       flush=True)  # fmt: skip
         self.progress = tqdm(
-            total=cfg.num_train_steps * cfg.action_repeat,
+            total=self.schedule.env_steps(cfg.num_train_steps),
             initial=self.env_steps,
             unit=" env steps",
             unit_scale=True,
@@ -507,7 +504,7 @@ class Trainer:
         previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self.write_status("running")
-            while self.training_runs and (self.agent_steps < cfg.num_train_steps or self.pending is not None):
+            while self.training_runs and (self.schedule.training(self.agent_steps) or self.pending is not None):
                 self.step()
                 if self._stop_signal is not None:
                     self._stop()
@@ -586,24 +583,23 @@ class Trainer:
         With overlap, a step's single update runs in the worker thread while the environments step; it has
         finished when step() returns, so nothing between steps (acting, evaluating, checkpointing, logging the
         losses) ever sees an update in flight."""
-        cfg = self.cfg
+        cfg, schedule, t = self.cfg, self.schedule, self.agent_steps
         if self.pending is None:
-            if self.agent_steps % cfg.eval_freq == 0 and self.last_eval != self.agent_steps:
+            # A resumed run restarts at the step of its checkpoint, whose evaluation and checkpoint are done already.
+            if schedule.evaluates(t) and self.last_eval != t:
                 t0 = time.time()
                 self.evaluate()
                 for run in self.training_runs:
                     run.eval_seconds += time.time() - t0
-            every = cfg.checkpoint_agent_steps
-            if every and self.agent_steps % every == 0 and self.agent_steps > 0:
-                if self.last_checkpoint != self.agent_steps:
-                    self.checkpoint()
+            if schedule.checkpoints(t) and self.last_checkpoint != t:
+                self.checkpoint()
             runs = self.training_runs
             if not runs:
                 return
             for run in runs:
                 if run.obs is None:
                     run.start_episode()
-            if self.agent_steps < cfg.init_steps:
+            if schedule.seed_phase(t):
                 actions = [run.env.sample_action(run.action_rng) for run in runs]
             else:
                 actions = self.agent.act_seeds([run.obs for run in runs], sample=True)
@@ -616,7 +612,7 @@ class Trainer:
                     runs = self.training_runs
                     if not runs:
                         return
-            self.pending = PendingStep(actions, self.updates_at(self.agent_steps))
+            self.pending = PendingStep(actions, schedule.updates_at(t))
         else:
             for run in self.training_runs:
                 if run.obs is None:  # resumed inside a step whose episode the environment could not replay
@@ -779,7 +775,7 @@ class Trainer:
             name, step = min(bad.items(), key=lambda kv: kv[1])
             raise NumericalError(
                 f"The {name} became non-finite (NaN or infinite) in the update at agent step {step:,} (env step "
-                f"{step * self.cfg.action_repeat:,}); training stopped and {keep}."
+                f"{self.schedule.env_steps(step):,}); training stopped and {keep}."
             )
         if parameters:
             names = self.agent.nonfinite_parameters(*(() if index is None else (index,)))
@@ -892,7 +888,7 @@ class Trainer:
             status = {
                 "state": state,
                 "env_steps": self.env_steps,
-                "total_env_steps": self.cfg.num_train_steps * self.cfg.action_repeat,
+                "total_env_steps": self.schedule.env_steps(self.cfg.num_train_steps),
                 "agent_steps": self.agent_steps,
                 "elapsed_seconds": round(self.elapsed_seconds(run), 3),
                 "session_env_steps_per_second": self._session_speed(),
