@@ -58,6 +58,7 @@ STATUS_FIELDS: dict[str, Callable[[Any], bool]] = {
     "message": _is_str,
     "seeds_in_process": lambda v: isinstance(v, list) and all(_is_int(s) for s in v),
     "sessions": lambda v: isinstance(v, list),
+    "seed_failed": lambda v: isinstance(v, bool),  # a group stopped this seed alone (sacae.trainer)
 }
 # One record of "sessions": the machine and the env steps of one process that trained the run.
 SESSION_FIELDS: dict[str, Callable[[Any], bool]] = {

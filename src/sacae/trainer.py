@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import random
 import signal
@@ -931,12 +930,9 @@ FAILED_SEED = "seed_failed"
 
 def failed_in_group(work_dir: Path) -> str | None:
     """The message of a seed that a group stopped for non-finite numbers (its status.json says so), else None."""
-    try:
-        status = json.loads((work_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(status, dict) and status.get(FAILED_SEED) is True and status.get("state") == "failed":
-        return str(status.get("message") or "failed")
+    status = read_status(work_dir)
+    if status is not None and status.get(FAILED_SEED) is True and status.get("state") == "failed":
+        return status.get("message") or "failed"
     return None
 
 
