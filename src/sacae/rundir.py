@@ -77,6 +77,20 @@ SESSION_FIELDS: dict[str, Callable[[Any], bool]] = {
 _MISSING = object()
 
 
+def _typed_fields(
+    value: dict[str, Any], fields: dict[str, Callable[[Any], bool]], prefix: str, wrong: list[str]
+) -> dict[str, Any]:
+    """The `fields` of `value` whose values pass their test (or are None); each other one named in `wrong`."""
+    kept = {}
+    for name, fits in fields.items():
+        if name in value:
+            if value[name] is None or fits(value[name]):
+                kept[name] = value[name]
+            else:
+                wrong.append(f"{prefix}{name} {shown(value[name])}")
+    return kept
+
+
 def _read_json(path: Path) -> tuple[Any, str | None]:
     """A JSON file's value, or _MISSING and why it cannot be read (no reason when there is no such file)."""
     try:
@@ -119,26 +133,14 @@ def check_status(run_dir: str | Path) -> tuple[dict[str, Any] | None, str | None
         return None, problem
     if not isinstance(value, dict):
         return None, "does not hold a JSON object"
-    status, wrong = {}, []
-    for name, fits in STATUS_FIELDS.items():
-        if name in value:
-            if value[name] is None or fits(value[name]):
-                status[name] = value[name]
-            else:
-                wrong.append(f"{name} {shown(value[name])}")
+    wrong: list[str] = []
+    status = _typed_fields(value, STATUS_FIELDS, "", wrong)
     sessions = []
     for i, session in enumerate(status.get("sessions") or []):
         if not isinstance(session, dict):
             wrong.append(f"sessions[{i}] {shown(session)}")
             continue
-        checked = {}
-        for name, fits in SESSION_FIELDS.items():
-            if name in session:
-                if session[name] is None or fits(session[name]):
-                    checked[name] = session[name]
-                else:
-                    wrong.append(f"sessions[{i}].{name} {shown(session[name])}")
-        sessions.append(checked)
+        sessions.append(_typed_fields(session, SESSION_FIELDS, f"sessions[{i}].", wrong))
     if "sessions" in status:
         status["sessions"] = sessions if status["sessions"] is not None else None
     return status, wrong_types(wrong) if wrong else None
