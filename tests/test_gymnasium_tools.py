@@ -14,6 +14,7 @@ from sacae.cli import main
 from sacae.status import collect_status, format_table
 from sacae.sweep import SweepArgs, plan_sweep, run_script, sbatch_lines, slurm_script
 from tests.conftest import run_cli
+from tests.test_sweep import sweep_twice
 
 ENV = "gymnasium:Pendulum-v1"
 FOLDER = "gymnasium-Pendulum-v1"
@@ -54,12 +55,7 @@ def finished_sweep(tmp_path_factory):
     """Two seeds of Pendulum-v1 run to the end by one local sweep (snapshots and videos saved), then the same sweep
     again."""
     runs = tmp_path_factory.mktemp("gym_sweep") / "runs"
-    train = [*TINY, "--save_model", "--save_video"]
-    first = local_sweep(runs, "--num_seeds", "2", train=train)
-    assert first.returncode == 0, first.stdout + first.stderr
-    snapshot = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
-    second = local_sweep(runs, "--num_seeds", "2", train=train)
-    return runs, first, second, snapshot
+    return sweep_twice(local_sweep, runs, [*TINY, "--save_model", "--save_video"])
 
 
 def test_local_sweep_trains_gymnasium_runs(finished_sweep):

@@ -75,11 +75,15 @@ def status_of(d: Path) -> dict:
 def finished_sweep(tmp_path_factory):
     """Two seeds run to the end by one local sweep, then the same sweep again."""
     runs = tmp_path_factory.mktemp("sweep") / "runs"
-    outputs = [*TINY, "--save_tb", "--save_video"]
-    first = local_sweep(runs, "--num_seeds", "2", train=outputs)
+    return sweep_twice(local_sweep, runs, [*TINY, "--save_tb", "--save_video"])
+
+
+def sweep_twice(sweep, runs: Path, train: list[str]):
+    """Two seeds swept to the end, then the same sweep again: (runs, first, second, files' mtimes in between)."""
+    first = sweep(runs, "--num_seeds", "2", train=train)
     assert first.returncode == 0, first.stdout + first.stderr
     snapshot = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
-    second = local_sweep(runs, "--num_seeds", "2", train=outputs)
+    second = sweep(runs, "--num_seeds", "2", train=train)
     return runs, first, second, snapshot
 
 
