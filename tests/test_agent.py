@@ -439,6 +439,23 @@ def assert_independent_copy(agent, clone):
         assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in owners[name]}, name
 
 
+def update_like_reference(agent, ref, batch, step, seed):
+    """One update of `agent` and one of the authors'-style reference on `batch`, both drawing their noise after
+    torch.manual_seed(seed) (on a GPU too): the same state after it, and the same losses."""
+    torch.manual_seed(seed)
+    agent.update(batch, step)
+    torch.manual_seed(seed)
+    ref_losses = reference_update(ref, batch, step)
+    assert_same_state(agent, ref)
+    metrics = agent.metrics.pop()
+    assert metrics["critic_loss"] == pytest.approx(ref_losses["critic_loss"], rel=1e-4, abs=1e-6)
+    for name in ("actor_loss", "alpha_loss", "ae_loss"):
+        if name in ref_losses:
+            assert metrics[name] == pytest.approx(ref_losses[name], rel=1e-4, abs=1e-4), name
+        else:
+            assert metrics[name] is None, name
+
+
 def check_fast_update_equals_reference_update(agent, steps):
     # A target critic and a temperature away from their initial values, so that one update already tells the
     # target critic from the critic and log_alpha from the initial temperature.
@@ -449,19 +466,7 @@ def check_fast_update_equals_reference_update(agent, steps):
     assert_independent_copy(agent, ref)
     start = snapshot(agent)
     for i, step in enumerate(steps):
-        batch = make_batch(agent, seed=100 + i)
-        torch.manual_seed(1000 + i)
-        agent.update(batch, step)
-        torch.manual_seed(1000 + i)
-        ref_losses = reference_update(ref, batch, step)
-        assert_same_state(agent, ref)
-        metrics = agent.metrics.pop()
-        assert metrics["critic_loss"] == pytest.approx(ref_losses["critic_loss"], rel=1e-4, abs=1e-6)
-        for name in ("actor_loss", "alpha_loss", "ae_loss"):
-            if name in ref_losses:
-                assert metrics[name] == pytest.approx(ref_losses[name], rel=1e-4, abs=1e-4), name
-            else:
-                assert metrics[name] is None, name
+        update_like_reference(agent, ref, make_batch(agent, seed=100 + i), step, seed=1000 + i)
     # Not vacuous: the update moved the networks.
     moved = changed_keys(start, agent)
     assert keys_with(start, "critic.Q1.") <= moved

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -31,6 +32,17 @@ from sacae.networks import MEMORY_FORMAT, Actor, Critic, PixelDecoder, make_enco
 from sacae.replay import Batch
 
 METRIC_NAMES = ("batch_reward", "critic_loss", "actor_loss", "alpha_loss", "alpha", "entropy", "ae_loss")
+
+
+def part_metrics(parts: tuple[bool, bool, bool]) -> list[str]:
+    """The metrics an update with these parts (see `Update.parts`) gives, in the order it gives them."""
+    update_actor, _, update_ae = parts
+    names = ["batch_reward", "critic_loss"]
+    if update_actor:
+        names += ["actor_loss", "alpha_loss", "alpha", "entropy"]
+    if update_ae:
+        names.append("ae_loss")
+    return names
 
 
 def preprocess_target(obs: torch.Tensor, bits: int = 5, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,6 +70,7 @@ class Metrics:
         self.device = device
         self.lead = () if num_seeds is None else (num_seeds,)
         self.step = 0  # the update step the next values belong to
+        self._indices: dict[tuple[str, ...], torch.Tensor] = {}
         self.first_nonfinite = torch.full((*self.lead, len(METRIC_NAMES)), -1.0, dtype=torch.float64, device=device)
         self.reset()
 
@@ -71,12 +84,19 @@ class Metrics:
             self.counts[seed] = 0
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        i = METRIC_NAMES.index(name)
-        value = value.detach().to(torch.float64)
-        self.sums[..., i] += value
-        self.counts[..., i] += 1
-        seen = self.first_nonfinite[..., i]
-        self.first_nonfinite[..., i] = torch.where(torch.isfinite(value) | (seen >= 0), seen, float(self.step))
+        self.add_all([name], [value])
+
+    def add_all(self, names: Sequence[str], values: Sequence[torch.Tensor]) -> None:
+        """One value of each metric in `names` (a group: one per seed), in a few kernels for all of them."""
+        key = tuple(names)
+        index = self._indices.get(key)
+        if index is None:
+            index = self._indices[key] = torch.tensor([METRIC_NAMES.index(n) for n in names], device=self.device)
+        value = torch.stack([v.detach().to(torch.float64) for v in values], -1)  # (*lead, len(names))
+        self.sums[..., index] += value
+        self.counts[..., index] += 1
+        seen = self.first_nonfinite[..., index]
+        self.first_nonfinite[..., index] = torch.where(torch.isfinite(value) | (seen >= 0), seen, float(self.step))
 
     def _row(self, name: str, seed: int | None) -> torch.Tensor:
         return getattr(self, name) if seed is None else getattr(self, name)[seed]
@@ -179,6 +199,8 @@ def policy_action(nets: Networks, obs, noise, *, sample: bool) -> torch.Tensor:
 
 
 Q_HEADS = ("critic.Q1.", "critic.Q2.")
+# The loss functions of the update: what --compile compiles.
+UPDATE_LOSSES = (critic_loss, conv_features, actor_losses, autoencoder_losses)
 
 
 class Update:
@@ -186,7 +208,8 @@ class Update:
     (`_call`), where the noise comes from (`_normal`, `_uniform`) and how an optimizer steps on a loss (`_step`).
 
     Subclasses set: cfg, device, action_dim, discount, target_entropy, autocast_enabled, log_alpha, metrics,
-    and the parameter lists _actor_own_params, _q_params, _q_target_params, _enc_params, _enc_target_params.
+    compiled (whether the update's losses run through torch.compile), _compiled and _compiled_parts, and the
+    parameter lists _actor_own_params, _q_params, _q_target_params, _enc_params, _enc_target_params.
     """
 
     # ------------------------------------------------------------------ how to run a loss function (subclasses)
@@ -206,6 +229,9 @@ class Update:
         """The shape of one seed's part of `t`."""
         raise NotImplementedError
 
+    def _optimizer_list(self) -> list[torch.optim.Optimizer]:
+        raise NotImplementedError
+
     def _normalise(self, obs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -222,23 +248,105 @@ class Update:
         # The policy's mean is bf16 under autocast: its noise is drawn in the mean's dtype, as randn_like would.
         return torch.bfloat16 if self.autocast_enabled else torch.float32
 
-    def update(self, batch: Batch, step: int) -> None:
-        """One SAC+AE update on `batch`; `step` decides which of the periodic parts run, as in ALGORITHM.md."""
+    def parts(self, step: int) -> tuple[bool, bool, bool]:
+        """Which periodic parts the update at `step` runs, as in ALGORITHM.md: (actor and temperature, target
+        networks, autoencoder); the critic runs in every update."""
         cfg = self.cfg
-        obs, action, reward, next_obs, not_done = batch
-        m = self.metrics
-        m.step = step
-        m.add("batch_reward", self._seed_mean(reward))
+        return (
+            step % cfg.actor_update_freq == 0,
+            step % cfg.critic_target_update_freq == 0,
+            self.has_decoder and step % cfg.decoder_update_freq == 0,
+        )
+
+    def update(self, batch: Batch, step: int) -> None:
+        """One SAC+AE update on `batch`; `step` decides which of the periodic parts run, as in ALGORITHM.md.
+
+        The update's noise is drawn first, in the order and shapes in which the losses use it (critic, actor,
+        autoencoder), from the same generator: nothing between the draws draws, so these are the values a draw at
+        each loss would give. The rest, `_update_parts`, is then a function of tensors alone, which `--compile`
+        captures."""
+        parts = self.parts(step)
+        update_actor, _, update_ae = parts
+        obs, action = batch.obs, batch.action
+        noise = [self._normal((*self._seed_shape(action)[:-1], self.action_dim))]
+        if update_actor:
+            noise.append(self._normal((*self._seed_shape(action)[:-1], self.action_dim)))
+        if update_ae:
+            noise.append(self._uniform(self._seed_shape(obs)))
+        values = self._update_function(parts)(*batch, *noise)
+        self.metrics.step = step
+        self.metrics.add_all(part_metrics(parts), values)
+
+    def _update_function(self, parts: tuple[bool, bool, bool]) -> Callable:
+        """The update's tensor work for these parts. Compiled, each loss function runs through its compiled form
+        (`_loss`); the first update of each set of parts compiles them, from a saved state to fall back to."""
+        run = functools.partial(self._update_parts, parts)
+        if not self.compiled or parts in self._compiled_parts:
+            return run
+        return functools.partial(self._first_compiled_call, parts, run)
+
+    def _first_compiled_call(self, parts: tuple[bool, bool, bool], run: Callable, *args):
+        saved = self._saved_state()
+        try:
+            values = run(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of the compiler, whatever library raised it
+            # Some optimizer steps of this update may have run: start it again, eagerly, from the saved state.
+            self._load_saved_state(saved)
+            self.compiled = False
+            self._compiled.clear()
+            print(f"sacae: torch.compile could not compile the update ({compile_error(e)}); training goes on "
+                  f"without it (as with --compile off).", file=sys.stderr, flush=True)  # fmt: skip
+            return run(*args)
+        self._compiled_parts.add(parts)
+        return values
+
+    def _loss(self, fn: Callable, call: Callable, constants: tuple[str, ...]) -> Callable:
+        """`call` (which runs the loss function `fn` on the networks), compiled once per loss function when the
+        update is compiled: Inductor fuses its forward and backward passes, and on a GPU CUDA graphs replay them."""
+        func = getattr(fn, "func", fn)
+        if not self.compiled or func not in UPDATE_LOSSES:
+            return call  # acting stays eager
+        key = (func, tuple(sorted(getattr(fn, "keywords", {}).items())), constants)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = compile_update(call, self.device)
+        return compiled
+
+    def _saved_state(self) -> tuple[list, list]:
+        """Copies of what an update changes: the parameters, the temperature and target networks, and every
+        optimizer's state (which its first step creates)."""
+        tensors = {id(t): t for t in [self.log_alpha, *self._parameters(), *self._q_target_params,
+                                      *self._enc_target_params]}  # fmt: skip
+        optimizers = [(opt, copy.deepcopy(opt.state_dict())) for opt in self._optimizer_list()]
+        return [(t, t.detach().clone()) for t in tensors.values()], optimizers
+
+    @staticmethod
+    def _load_saved_state(saved: tuple[list, list]) -> None:
+        tensors, optimizers = saved
+        with torch.no_grad():
+            for t, value in tensors:
+                t.copy_(value)
+        for opt, state in optimizers:
+            opt.state.clear()
+            opt.load_state_dict(state)
+            match_optimizer_layout(opt)
+
+    def _parameters(self) -> list[torch.Tensor]:
+        return [p for opt in self._optimizer_list() for group in opt.param_groups for p in group["params"]]
+
+    def _update_parts(self, parts: tuple[bool, bool, bool], obs, action, reward, next_obs, not_done, *noise):
+        """The losses and optimizer steps of one update, given its batch and noise; returns the metrics' values in
+        the order of part_metrics(parts)."""
+        update_actor, update_targets, update_ae = parts
+        noise = list(noise)
+        values = [self._seed_mean(reward)]
         frames = obs
         if self.cfg.pixels:
             # Each batch is normalised once; the critic, the actor, the target critic and the conv pass after the
             # critic step would each do it again (four float copies of 31 MiB per update).
             obs, next_obs = self._normalise(obs), self._normalise(next_obs)
         with self._autocast():
-            self._update_critic(obs, action, reward, next_obs, not_done)
-
-            update_actor = step % cfg.actor_update_freq == 0
-            update_ae = self.has_decoder and step % cfg.decoder_update_freq == 0
+            values.append(self._update_critic(obs, action, reward, next_obs, not_done, noise.pop(0)))
             conv = None
             if update_actor or update_ae:
                 # The critic step changed the conv weights; this pass, with the new weights, serves the rest of
@@ -246,45 +354,47 @@ class Update:
                 with torch.set_grad_enabled(update_ae):
                     conv = self._call(conv_features, obs)
             if update_actor:
-                self._update_actor_and_alpha(conv.detach())
-            if step % cfg.critic_target_update_freq == 0:
+                values.extend(self._update_actor_and_alpha(conv.detach(), noise.pop(0)))
+            if update_targets:
                 self._update_targets()
             if update_ae:
-                self._update_autoencoder(frames, conv)
+                values.append(self._update_autoencoder(frames, conv, noise.pop(0)))
+        return values
 
-    def _update_critic(self, obs, action, reward, next_obs, not_done) -> None:
-        noise = self._normal((*self._seed_shape(action)[:-1], self.action_dim))
+    # Each step draws its own noise when none is given (the tests drive the steps one at a time).
+    def _update_critic(self, obs, action, reward, next_obs, not_done, noise=None) -> torch.Tensor:
+        if noise is None:
+            noise = self._normal((*self._seed_shape(action)[:-1], self.action_dim))
         fn = functools.partial(critic_loss, discount=self.discount)
         loss = self._call(fn, obs, action, reward, next_obs, not_done, noise, self.log_alpha.detach())
         self._step(("critic",), loss)
-        self.metrics.add("critic_loss", loss)
+        return loss
 
-    def _update_actor_and_alpha(self, conv: torch.Tensor) -> None:
-        noise = self._normal((*self._seed_shape(conv)[:-1], self.action_dim))
+    def _update_actor_and_alpha(self, conv: torch.Tensor, noise=None) -> tuple[torch.Tensor, ...]:
+        if noise is None:
+            noise = self._normal((*self._seed_shape(conv)[:-1], self.action_dim))
         fn = functools.partial(actor_losses, target_entropy=self.target_entropy)
         # The Q heads' weights take no gradient from the actor loss: built without them, the graph's backward pass
         # skips their weight products (a custom autograd function cannot tell which gradients `inputs` will keep).
         actor_loss, alpha_loss, alpha, entropy = self._call(fn, conv, noise, self.log_alpha, constants=Q_HEADS)
-        # Only the actor's own parameters: gradients the Q heads would get here are never used.
-        self._step(("actor",), actor_loss, inputs=self._actor_own_params)
-        self._step(("log_alpha",), alpha_loss)
-        m = self.metrics
-        m.add("actor_loss", actor_loss)
-        m.add("alpha_loss", alpha_loss)
-        m.add("alpha", alpha)
-        m.add("entropy", entropy)
+        # Only the actor's own parameters: gradients the Q heads would get here are never used. One backward pass
+        # for both losses gives each its own gradients: the actor loss sees alpha detached and the temperature loss
+        # log pi detached (and a compiled loss function's graph can be walked back only once).
+        self._step(("actor", "log_alpha"), actor_loss + alpha_loss, inputs=[*self._actor_own_params, self.log_alpha])
+        return actor_loss, alpha_loss, alpha, entropy
 
     @torch.no_grad()
     def _update_targets(self) -> None:
         polyak(self._q_target_params, self._q_params, self.cfg.critic_tau)
         polyak(self._enc_target_params, self._enc_params, self.cfg.encoder_tau)
 
-    def _update_autoencoder(self, frames: torch.Tensor, conv: torch.Tensor) -> None:
-        noise = self._uniform(self._seed_shape(frames))
+    def _update_autoencoder(self, frames: torch.Tensor, conv: torch.Tensor, noise=None) -> torch.Tensor:
+        if noise is None:
+            noise = self._uniform(self._seed_shape(frames))
         fn = functools.partial(autoencoder_losses, latent_lambda=self.cfg.decoder_latent_lambda)
         loss, rec_loss = self._call(fn, frames, conv, noise)
         self._step(("encoder", "decoder"), loss)
-        self.metrics.add("ae_loss", rec_loss)
+        return rec_loss
 
     def _seed_mean(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -345,6 +455,9 @@ class SacAeAgent(Update):
         self._enc_params = list(self.critic.encoder.parameters())
         self._enc_target_params = list(self.critic_target.encoder.parameters())
         self.metrics = Metrics(device)
+        self.compiled = compile_mode(cfg, device)
+        self._compiled: dict[tuple, Callable] = {}  # loss function and constants -> its compiled call
+        self._compiled_parts: set[tuple[bool, bool, bool]] = set()  # updates that have run compiled
         self.train(True)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -371,6 +484,9 @@ class SacAeAgent(Update):
             opts["decoder"] = self.decoder_optimizer
         return opts
 
+    def _optimizer_list(self) -> list[torch.optim.Optimizer]:
+        return list(self.optimizers().values())
+
     def train(self, training: bool = True) -> None:
         self.training = training
         for net in self.networks().values():
@@ -378,10 +494,11 @@ class SacAeAgent(Update):
 
     # ---------------------------------------------------------------------- the update's hooks: call the modules
     def _call(self, fn: Callable, *args, constants: tuple[str, ...] = ()):
+        call = self._loss(fn, functools.partial(self.nets, fn), constants)
         if not constants:
-            return self.nets(fn, *args)
+            return call(*args)
         with frozen([p for name, p in self.nets.named_parameters() if name.startswith(constants)]):
-            return self.nets(fn, *args)
+            return call(*args)
 
     def _normal(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, dtype=self._noise_dtype, device=self.device)
@@ -502,6 +619,9 @@ class GroupAgent(Update):
         self.log_alpha = torch.stack([a.log_alpha.detach() for a in agents]).contiguous().requires_grad_(True)
         self._build_optimizers([a.optimizers() for a in agents])
         self.metrics = Metrics(self.device, self.num_seeds)
+        self.compiled = template.compiled
+        self._compiled: dict[tuple, Callable] = {}  # loss function and constants -> its compiled call
+        self._compiled_parts: set[tuple[bool, bool, bool]] = set()  # updates that have run compiled
         self.training = True
 
     def _stacked(self, params) -> list[torch.Tensor]:
@@ -545,11 +665,17 @@ class GroupAgent(Update):
             self.optimizer[name] = adam
         self._index_parameter_lists(t)
 
+    def _optimizer_list(self) -> list[torch.optim.Optimizer]:
+        return list(self.optimizer.values())
+
     def train(self, training: bool = True) -> None:
         self.training = training  # the networks have no dropout or batch norm: the flag only mirrors SacAeAgent
 
     # ------------------------------------------------------- the update's hooks: vmap over the stacked parameters
     def _call(self, fn: Callable, *args, constants: tuple[str, ...] = ()):
+        return self._loss(fn, functools.partial(self._vmapped, fn, constants), constants)(*args)
+
+    def _vmapped(self, fn: Callable, constants: tuple[str, ...], *args):
         params = self.params
         if constants:
             params = {k: (v.detach() if k.startswith(constants) else v) for k, v in params.items()}
@@ -645,6 +771,7 @@ class GroupAgent(Update):
         self.num_seeds = len(seeds)
         self.generators = [self.generators[i] for i in seeds]
         self.metrics.keep(seeds)
+        self._compiled_parts.clear()  # new tensors: the next updates compile again, from a saved state
         t = self.template
         self.optimizer = {}
         for name, opt in t.optimizers().items():
@@ -658,6 +785,31 @@ class GroupAgent(Update):
             match_optimizer_layout(adam)
             self.optimizer[name] = adam
         self._index_parameter_lists(t)
+
+
+def compile_mode(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the update runs compiled: --compile on, or auto where it has been measured exact and faster (nowhere
+    yet: see docs/performance.md)."""
+    return cfg.compile == "on"
+
+
+def compile_update(fn: Callable, device: torch.device) -> Callable:
+    """`fn` under torch.compile: Inductor's kernels, and on a GPU CUDA graphs (mode reduce-overhead) that replay the
+    update's kernels without launching them one by one. Shapes are static (one batch size per run).
+
+    torch.compile wraps every callable that is not a plain function in one shared wrapper, whose compiled forms
+    share one cache: four loss functions per agent, and several agents in one process (a benchmark, a test), need
+    more than its default 8 entries, beyond which Dynamo would run the losses uncompiled."""
+    limit = 16 * len(UPDATE_LOSSES)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+
+def compile_error(e: BaseException) -> str:
+    """An exception of the compiler in one short line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def stack_batches(batches: Sequence[Batch]) -> Batch:

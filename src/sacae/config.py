@@ -39,7 +39,7 @@ DEFAULT_ACTION_REPEAT = 1
 RUN_CONTROL_FIELDS = ("resume", "no_resume", "force")
 # Flags that change where and how fast a run executes, not what it computes: a run may resume with other values,
 # and seeds that differ only in them are the same experiment.
-EXECUTION_FIELDS = ("device", "num_threads", "overlap", "replay_device")
+EXECUTION_FIELDS = ("device", "num_threads", "overlap", "replay_device", "compile")
 
 # dm_control episodes are 1000 simulator steps long.
 EPISODE_ENV_STEPS = 1000
@@ -196,6 +196,11 @@ class TrainConfig:
     """Run each step's update (one per agent step after the seed phase) in a worker thread while the environment
     steps with the action already chosen: the same math, step for step. auto: on with a CUDA device, off on a CPU,
     where the environment step is about 1% of a pixel agent step (docs/performance.md)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Run the update (critic, actor, temperature, targets, autoencoder and their optimizer steps) through
+    torch.compile, with CUDA graphs on a GPU (mode reduce-overhead); the same math to float rounding. If compiling
+    fails, training goes on eagerly after one line on stderr. auto: off, on a CPU and on a GPU alike, until it is
+    measured faster there (docs/performance.md)."""
     replay_device: Literal["auto", "host", "cuda"] = "auto"
     """Where the replay frames live. auto: on the training GPU when they fit in its free memory (keeping what the
     networks and their update need, and 4 GB more), else in host memory; host; cuda (the training GPU, or an
@@ -207,7 +212,7 @@ class TrainConfig:
     # --- run control (not part of the run's configuration) ---
     resume: str | None = None
     """Resume the run in this folder from its saved config.json; other flags are ignored, except --device,
-    --num_threads, --overlap and --replay_device when set away from their defaults."""
+    --num_threads, --overlap, --replay_device and --compile when set away from their defaults."""
     no_resume: bool = False
     """Start over in --work_dir even if it holds a checkpoint (a finished run also needs --force)."""
     force: bool = False

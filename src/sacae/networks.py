@@ -65,7 +65,7 @@ class _OneDnnLinear(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) whose fp32 products on a CPU run on oneDNN; elsewhere (a GPU,
-    bf16 autocast, other dtypes) it is nn.Linear itself."""
+    bf16 autocast, other dtypes, under torch.compile) it is nn.Linear itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -75,6 +75,7 @@ class Linear(nn.Linear):
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # Inductor picks its own kernels for F.linear
             and onednn_linear_enabled()
         ):
             flat = x.reshape(-1, x.shape[-1]).contiguous()

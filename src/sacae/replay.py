@@ -27,6 +27,19 @@ class Batch(NamedTuple):
     not_done: torch.Tensor
 
 
+def random_batch(pixels: bool, obs_shape: tuple[int, ...], action_dim: int, batch_size: int, device,
+                 generator: torch.Generator | None = None) -> Batch:  # fmt: skip
+    """A batch of random transitions of these shapes (uint8 frames or float states), for timing updates."""
+    b = batch_size
+    if pixels:
+        obs, next_obs = (torch.randint(0, 256, (b, *obs_shape), dtype=torch.uint8, generator=generator) for _ in "on")
+    else:
+        obs, next_obs = (torch.randn(b, *obs_shape, generator=generator) for _ in "on")
+    action = torch.rand(b, action_dim, generator=generator) * 2 - 1
+    reward, not_done = torch.randn(b, 1, generator=generator), torch.ones(b, 1)
+    return Batch(*(t.to(device) for t in (obs, action, reward, next_obs, not_done)))
+
+
 class ReplayBuffer:
     """Uniform replay over transitions of stacked frames (pixels) or state vectors (frame_stack 1)."""
 
