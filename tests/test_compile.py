@@ -7,7 +7,9 @@ after one line on stderr, with the eager run's results.
 """
 
 import copy
+import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -146,6 +148,28 @@ def test_a_compiled_run_killed_and_resumed_is_identical(tmp_path, compiled_refer
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stderr
     assert_same_run(work, compiled_reference)
+
+
+def test_a_compiled_run_recompiles_over_a_cache_that_a_killed_compile_left(tmp_path, compiled_reference):
+    """A process killed while compiling leaves truncated kernels in Inductor's cache. A run that finds them compiles
+    again in an empty cache, silently, and trains compiled to the end (to rounding what the compiled run writes:
+    the kernels compiled after a failed compile in the same process are not bit for bit those of a fresh one)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(os.environ["TORCHINDUCTOR_CACHE_DIR"], cache)
+    libraries = [path for path in cache.rglob("*.so") if path.is_file()]
+    assert libraries
+    for path in libraries:
+        path.write_bytes(b"")
+    work = tmp_path / "run"
+    result = train(work, "on", env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert "torch.compile" not in result.stderr  # no fallback to eager
+    assert json.loads((work / "status.json").read_text())["state"] == "finished"
+    ours, theirs = log_rows(work / "eval.log"), log_rows(compiled_reference / "eval.log")
+    assert [r["env_steps"] for r in ours] == [r["env_steps"] for r in theirs]
+    assert ours[0] == theirs[0]  # before any update
+    first, reference = log_rows(work / "train.log")[0], log_rows(compiled_reference / "train.log")[0]
+    assert first["critic_loss"] == pytest.approx(reference["critic_loss"], rel=0.05)
 
 
 def test_without_a_compiler_a_compiled_run_trains_eagerly(tmp_path, compiled_reference):

@@ -18,7 +18,9 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -285,15 +287,21 @@ class Update:
             return run
         return functools.partial(self._first_compiled_call, parts, run)
 
-    def _first_compiled_call(self, parts: tuple[bool, bool, bool], run: Callable, *args):
+    def _first_compiled_call(self, parts: tuple[bool, bool, bool], run: Callable, *args, fresh_cache: bool = False):
         saved = self._saved_state()
         try:
             values = run(*args)
         except Exception as e:  # noqa: BLE001 - any failure of the compiler, whatever library raised it
-            # Some optimizer steps of this update may have run: start it again, eagerly, from the saved state.
+            # Some optimizer steps of this update may have run: start it again from the saved state.
             self._load_saved_state(saved)
-            self.compiled = False
             self._compiled.clear()
+            if not fresh_cache:
+                # A process killed while compiling leaves truncated files in Inductor's cache, which the next
+                # compile loads and fails on: once more, in an empty cache.
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sacae-inductor-")
+                torch._dynamo.reset()
+                return self._first_compiled_call(parts, run, *args, fresh_cache=True)
+            self.compiled = False
             print(f"sacae: torch.compile could not compile the update ({compile_error(e)}); training goes on "
                   f"without it (as with --compile off).", file=sys.stderr, flush=True)  # fmt: skip
             return run(*args)
