@@ -1,6 +1,7 @@
 """A group of seeds in one process (`sacae train-seeds`): killed at any moment and resumed, each seed writes what the
 uninterrupted group writes, bit for bit; a seed whose numbers become non-finite stops alone."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from sacae.config import TrainConfig
+from sacae.errors import SacaeError
 from sacae.trainer import Trainer
 from tests.conftest import run_cli
 from tests.test_resume import TINY, final_weights, kill_at_random_moments, log_rows
@@ -152,4 +154,64 @@ def test_group_killed_at_twenty_random_moments_is_identical(tmp_path):
     assert kill_at_random_moments(cmd, tmp_path, times=20, seed=11, seconds=(3, 15)) == 20
     result = train_group(runs, extra=longer)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_group(runs, reference)
+
+
+def tiny_group_config(overlap: str = "auto") -> TrainConfig:
+    import tyro
+
+    return tyro.cli(TrainConfig, args=[*GROUP[1:-4], "--overlap", overlap], use_underscores=True)
+
+
+def test_the_group_steps_its_environments_in_pools(tmp_path, monkeypatch):
+    """A pixel group's training and evaluation environments live in two pools of worker processes (seed i's are
+    environment i of each), which the trainer closes; one seed's are its own environments, called here as a run of
+    its own calls them; SACAE_ENV_WORKERS chooses the workers."""
+    import multiprocessing
+
+    from sacae.env_pool import RemoteEnv
+    from sacae.envs import DMCEnv
+
+    monkeypatch.delenv("SACAE_ENV_WORKERS", raising=False)
+    cfg = tiny_group_config()
+    trainer = Trainer(cfg, seeds=[1, 2], runs_dir=tmp_path / "group")
+    try:
+        assert trainer.env_pool.workers == trainer.eval_pool.workers == "processes"
+        assert [run.env for run in trainer.runs] == trainer.env_pool.envs
+        assert [run.eval_env for run in trainer.runs] == trainer.eval_pool.envs
+        assert all(isinstance(run.env, RemoteEnv) for run in trainer.runs)
+        assert len(multiprocessing.active_children()) >= 4
+        trainer.step()  # the evaluation at step 0 and the first step, through the pools
+        assert all(run.obs is not None and run.env.episode_env_steps == 8 for run in trainer.runs)
+    finally:
+        trainer.close()
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("sacae-env")]
+
+    single = Trainer(dataclasses.replace(cfg, seed=1, work_dir=str(tmp_path / "single")))
+    try:
+        assert single.env_pool.workers == "serial" and isinstance(single.runs[0].env, DMCEnv)
+    finally:
+        single.close()
+
+    monkeypatch.setenv("SACAE_ENV_WORKERS", "threads")
+    threads = Trainer(cfg, seeds=[1, 2], runs_dir=tmp_path / "threads")
+    try:
+        assert threads.env_pool.workers == threads.eval_pool.workers == "threads"
+    finally:
+        threads.close()
+    monkeypatch.setenv("SACAE_ENV_WORKERS", "fibres")
+    with pytest.raises(SacaeError, match="SACAE_ENV_WORKERS=fibres"):
+        Trainer(cfg, seeds=[1, 2], runs_dir=tmp_path / "fibres")
+
+
+@pytest.mark.parametrize(("workers", "overlap"), [("serial", "off"), ("serial", "on"), ("processes", "on")])
+def test_the_group_is_the_same_whichever_workers_step_its_environments(tmp_path, reference, workers, overlap):
+    """The reference group steps its environments in worker processes (auto, 3 pixel seeds) without overlap; stepped
+    one after another on the trainer's thread, or with the update overlapped (its own thread beside the workers or
+    beside the serial stepping), every seed writes the same logs, snapshots and weights, bit for bit."""
+    runs = tmp_path / "runs"
+    env = {"SACAE_ENV_WORKERS": workers}
+    result = run_cli([*GROUP, "--runs_dir", str(runs), "--overlap", overlap], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"overlap {overlap}" in result.stderr
     assert_same_group(runs, reference)

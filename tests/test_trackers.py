@@ -137,10 +137,15 @@ def test_a_killed_and_resumed_run_continues_the_same_tracker_runs(tmp_path):
     assert "resuming from" in result.stderr and json.loads((work / IDS_FILE).read_text()) == ids
     expected = without_wall_clock(logged(work))
 
+    assert_trackers_hold(work, ids["wandb"]["id"], expected)
+
+
+def assert_trackers_hold(work, wandb_id, expected):
+    """A run of three sessions (two killed): its wandb run and its MLflow run each hold every logged row once."""
     runs, history = wandb_run(work)
     # One offline folder per session, all of the same run (a killed session's folder may hold nothing yet).
     assert len(list((work / "wandb").glob("offline-run-*"))) == 3
-    assert runs and {r["run_id"] for r in runs} == {ids["wandb"]["id"]}
+    assert runs and {r["run_id"] for r in runs} == {wandb_id}
     steps = [step for step, _ in history]
     assert steps == sorted(set(steps)) == [0, 400, 800, 1000, 1200]  # across the sessions, each step once
     assert without_wall_clock(by_key(history)) == expected
@@ -149,6 +154,7 @@ def test_a_killed_and_resumed_run_continues_the_same_tracker_runs(tmp_path):
     assert without_wall_clock(metrics) == expected
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run.info.run_id]
     assert run.info.status == "FINISHED"
+    return runs, run
 
 
 def test_a_tracker_skips_the_rows_it_holds_and_gets_those_it_lacks(tmp_path):
@@ -201,17 +207,54 @@ def test_an_unknown_tracker_or_a_missing_package_gets_one_sentence(tmp_path):
         assert command in lines[0]
     assert not work.exists()  # refused before anything was written
 
-    result = run_cli(["train-seeds", *TINY[1:], "--logger", "mlflow", "--seeds", "1", "2",
-                      "--runs_dir", str(tmp_path / "runs")], cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith(
-        "sacae: error: Multi-seed runs log to TensorBoard only; drop --logger mlflow"
-    )
-    assert not (tmp_path / "runs").exists()
+
+def test_each_seed_of_a_group_has_its_own_tracker_runs_resumed_with_it(tmp_path):
+    """`sacae train-seeds --seeds 1 2` with wandb and MLflow, killed after the train rows at env step 1000, resumed
+    with `--resume GROUP_DIR` and killed during the evaluation at 1200, then resumed to the end: each seed folder
+    holds one wandb run and one MLflow run of its own, under the same ids throughout, with that seed's logs, each
+    step once."""
+    runs = tmp_path / "runs"
+    group = runs / "cartpole_swingup" / "sac_states"
+    first = ["--logger", "tensorboard,wandb,mlflow", "--eval_freq", "50", "--seeds", "1", "2", "--runs_dir", str(runs)]
+    # env_step counts each seed's step (2 per agent step), eval_episode each seed's episode.
+    sessions = [(first, "env_step:260"), (["--resume", str(group)], "eval_episode:1"), (["--resume", str(group)], None)]
+    ids = None
+    for args, kill_at in sessions:
+        env = {"SACAE_KILL_AT": kill_at} if kill_at else {}
+        result = run_cli(["train-seeds", *TINY[1:], *args], cwd=tmp_path, env=env)
+        assert result.returncode == (-9 if kill_at else 0), (args, result.stderr[-3000:])
+        now = {s: json.loads((group / f"seed_{s}" / IDS_FILE).read_text()) for s in (1, 2)}
+        assert ids is None or now == ids
+        ids = now
+    assert result.stderr.count("resuming from") == 2
+    assert ids[1]["wandb"]["id"] != ids[2]["wandb"]["id"] and ids[1]["mlflow"]["run_id"] != ids[2]["mlflow"]["run_id"]
+
+    seen = []
+    for seed in (1, 2):
+        work = group / f"seed_{seed}"
+        expected = without_wall_clock(logged(work))
+        assert [s for s, _ in expected["eval/episode_reward"]] == [0, 400, 800, 1200]
+        seen.append(expected)
+
+        runs_of_seed, run = assert_trackers_hold(work, ids[seed]["wandb"]["id"], expected)
+        assert all(r["config"]["update"]["seed"] == seed for r in runs_of_seed)
+        assert run.info.run_name == f"cartpole_swingup/sac_states/seed_{seed}"
+        assert run.data.params["seed"] == str(seed)
+    assert seen[0]["train/episode_reward"] != seen[1]["train/episode_reward"]  # each seed's own numbers
 
 
 @pytest.fixture(autouse=True)
 def _no_tracker_settings(monkeypatch):
-    """The trackers' defaults: whatever this machine's environment sets for wandb or MLflow is left out."""
-    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+    """The trackers' defaults: whatever this machine's environment sets for wandb or MLflow is left out, and so is
+    the wandb-core service that a test running wandb in this process started (WANDB_SERVICE, which wandb leaves in
+    os.environ): a command run from here would use it, and it would keep a killed command's runs open."""
+    names = (
+        "WANDB_MODE",
+        "WANDB_DIR",
+        "WANDB_PROJECT",
+        "WANDB_SERVICE",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_EXPERIMENT_NAME",
+    )
+    for name in names:
         monkeypatch.delenv(name, raising=False)

@@ -42,16 +42,24 @@ class TrainSeedsArgs(TrainConfig):
     """Train several seeds of one configuration in one process (one GPU): each seed has its own environments,
     replay buffer, random streams and run folder, RUNS_DIR/<task>/<configuration>/seed_<i>/, and computes what its
     own `sacae train` run computes, up to float rounding; the seeds' networks are stacked so that each kernel serves
-    all of them. Running the same command again resumes the seeds; a seed that fails stops alone (exit status 3
-    only when every seed failed). See docs/multiseed.md.
+    all of them. Running the same command again resumes the seeds, and so does --resume with the group's folder; a
+    seed that fails stops alone (exit status 3 only when every seed failed). See docs/multiseed.md.
     """
 
     seed: tyro.conf.Suppress[int] = 1
     work_dir: tyro.conf.Suppress[str] = "./save"
-    seeds: tuple[int, ...] = (1, 2, 3)
-    """The seeds to train, e.g. --seeds 1 2 3 4 5 6 7 8 9 10."""
+    resume: str | None = None
+    """Resume the group in this folder, RUNS_DIR/<task>/<configuration> (every seed_<i>/ there that holds a
+    config.json, or those of --seeds), from the seeds' saved config.json; a seed folder resumes that seed alone.
+    Other flags are ignored, except --device, --num_threads, --overlap, --replay_device and --compile when set away
+    from their defaults."""
+    seeds: tuple[int, ...] | None = None
+    """The seeds to train, e.g. --seeds 1 2 3 4 5 6 7 8 9 10 (default: 1 2 3; with --resume, every seed there)."""
     runs_dir: str = "runs"
     """Folder that holds <task>/<configuration>/seed_<i>/ (the layout of sacae sweep and sacae report)."""
+
+
+DEFAULT_SEEDS = (1, 2, 3)
 
 
 def train(cfg: TrainConfig) -> None:
@@ -63,7 +71,8 @@ def train(cfg: TrainConfig) -> None:
 def train_seeds(args: TrainSeedsArgs) -> None:
     from sacae.multiseed import train_seeds as train_group
 
-    train_group(args, args.seeds, args.runs_dir)
+    seeds = args.seeds if args.seeds is not None else (() if args.resume is not None else DEFAULT_SEEDS)
+    train_group(args, seeds, args.runs_dir)
 
 
 def evaluate(args: EvalArgs) -> None:

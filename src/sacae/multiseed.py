@@ -14,7 +14,7 @@ import torch
 
 from sacae.agent import GroupAgent, SacAeAgent, seed_generator, stack_batches
 from sacae.config import TrainConfig
-from sacae.replay import Batch
+from sacae.replay import Batch, random_batch
 from sacae.trainer import Trainer, check_group_config, seed_dir, select_device
 
 __all__ = ["check_multiseed_config", "seed_dir", "time_updates", "train_seeds"]
@@ -24,7 +24,8 @@ check_multiseed_config = check_group_config
 
 def train_seeds(cfg: TrainConfig, seeds: Sequence[int], runs_dir: str | Path = "runs") -> None:
     """Train `seeds` of the configuration `cfg` in this process, into RUNS_DIR/<task>/<configuration>/seed_<i>/;
-    running it again resumes them."""
+    running it again resumes them. With `cfg.resume` (a group's folder, or one seed's) the group there resumes from
+    its saved configuration: `seeds` of it, or every seed there when `seeds` is empty."""
     Trainer(cfg, seeds=list(seeds), runs_dir=runs_dir).run()
 
 
@@ -58,13 +59,7 @@ def time_updates(
     group = GroupAgent(agents, generators)
 
     def batch() -> Batch:
-        b = cfg.batch_size
-        if cfg.pixels:
-            obs, next_obs = (torch.randint(0, 256, (b, *obs_shape), dtype=torch.uint8, device=dev) for _ in "on")
-        else:
-            obs, next_obs = (torch.randn(b, *obs_shape, device=dev) for _ in "on")
-        action = torch.rand(b, action_dim, device=dev) * 2 - 1
-        return Batch(obs, action, torch.randn(b, 1, device=dev), next_obs, torch.ones(b, 1, device=dev))
+        return random_batch(cfg.pixels, obs_shape, action_dim, cfg.batch_size, dev)
 
     def timed(fn) -> float:
         if dev.type == "cuda":

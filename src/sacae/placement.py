@@ -71,11 +71,15 @@ class AgentMemory:
     def total(self) -> int:
         return self.network_bytes + self.activation_bytes
 
-    def refusal(self, where: str) -> SacaeError:
+    def refusal(self, where: str, num_seeds: int = 1) -> SacaeError:
+        """The sentence for networks that do not fit `where`; a group of `num_seeds` seeds holds one set per seed."""
+        k = num_seeds
+        whose = "The networks and one update" if k == 1 else f"The networks and one update of {k} seeds"
+        lower = f"--{self.largest}" if k == 1 else f"--{self.largest} or train fewer seeds at once"
         return SacaeError(
-            f"The networks and one update need {self.total / 1e9:.1f} GB ({self.network_bytes / 1e9:.1f} GB of "
-            f"weights, gradients, Adam moments and target networks, {self.activation_bytes / 1e9:.1f} GB of "
-            f"activations for batches of {self.batch_size:,}) but {where}; lower --{self.largest}."
+            f"{whose} need {k * self.total / 1e9:.1f} GB ({k * self.network_bytes / 1e9:.1f} GB of "
+            f"weights, gradients, Adam moments and target networks, {k * self.activation_bytes / 1e9:.1f} GB of "
+            f"activations for batches of {self.batch_size:,}) but {where}; lower {lower}."
         )
 
 
@@ -141,18 +145,21 @@ class ReplayPlacement:
     host_available: int | None
     gpu_free: int | None  # None without a CUDA device
     gpu_reserve: int = GPU_MEMORY_RESERVE_BYTES  # GPU memory kept for the networks, their update and cuDNN
+    num_seeds: int = 1  # the seeds whose buffers were sized together (frame_bytes and other_bytes are one seed's)
 
     @property
     def needed(self) -> int:
+        """One seed's bytes."""
         return self.frame_bytes + self.other_bytes
 
     def describe(self) -> str:
         where = "on the GPU" if self.frames_device.type == "cuda" else "in host memory"
         if self.gpu_free is None:
             return f"frames {where}"
+        frames = f"{self.frame_bytes / 1e9:.2f} GB"
         return (
-            f"frames {where} ({self.frame_bytes / 1e9:.2f} GB; the GPU has {self.gpu_free / 1e9:.1f} GB free, "
-            f"{self.gpu_reserve / 1e9:.1f} GB kept for the networks)"
+            f"frames {where} ({frames if self.num_seeds == 1 else f'{self.num_seeds} x {frames}'}; the GPU has "
+            f"{self.gpu_free / 1e9:.1f} GB free, {self.gpu_reserve / 1e9:.1f} GB kept for the networks)"
         )
 
 
@@ -165,23 +172,31 @@ def place_replay(
     host_available: int | None,
     gpu_free: int | None,
     agent: AgentMemory | None = None,
+    num_seeds: int = 1,
 ) -> ReplayPlacement:
     """Where the frames go (`requested`: auto, host or cuda); SacaeError when the buffer fits nowhere allowed, or
     when the agent (networks and one update, on the training device) does not fit at all.
 
     auto puts them on the GPU when they fit in its free memory less GPU_MEMORY_RESERVE_BYTES and the agent, else in
-    host memory; None for an amount that cannot be read means no limit."""
-    n, needed = transitions, frame_bytes + other_bytes
-    per = needed / n
+    host memory; None for an amount that cannot be read means no limit. `transitions`, `frame_bytes`, `other_bytes`
+    and `agent` are one seed's: a group of `num_seeds` seeds (`sacae train-seeds`) holds `num_seeds` buffers and
+    agents, so each is counted that many times (the frames of all seeds go to the GPU, or none), and a refusal
+    adds "train fewer seeds at once" to the flags to lower."""
+    k = num_seeds
+    if k < 1:
+        raise ValueError(f"num_seeds must be at least 1 (got {k})")
+    n, needed = transitions, k * (frame_bytes + other_bytes)
+    per = needed / n  # the group's bytes per transition of --replay_buffer_capacity
     on_cuda = device.type == "cuda"
-    agent_bytes = agent.total if agent is not None else 0
+    agent_bytes = k * agent.total if agent is not None else 0
     if agent is not None and on_cuda and gpu_free is not None and agent_bytes > gpu_free:
-        raise agent.refusal(f"{device} has {gpu_free / 1e9:.1f} GB free")
+        raise agent.refusal(f"{device} has {gpu_free / 1e9:.1f} GB free", k)
     if agent is not None and not on_cuda and host_available is not None:
         if agent_bytes > host_available - MEMORY_RESERVE_BYTES:
             raise agent.refusal(
                 f"this machine has {host_available / 1e9:.1f} GB available (keeping "
-                f"{MEMORY_RESERVE_BYTES / 1e9:.1f} GB free)"
+                f"{MEMORY_RESERVE_BYTES / 1e9:.1f} GB free)",
+                k,
             )
     host_agent = 0 if on_cuda else agent_bytes
     host_room = None if host_available is None else host_available - MEMORY_RESERVE_BYTES - host_agent
@@ -198,7 +213,15 @@ def place_replay(
         return max(0, int(host_room / per)) if host_room is not None else n
 
     def gpu_fits_at_most() -> int:
-        return max(0, int(gpu_room / (frame_bytes / n))) if gpu_room is not None and frame_bytes else n
+        return max(0, int(gpu_room / (k * frame_bytes / n))) if gpu_room is not None and frame_bytes else n
+
+    # One seed: the sentences as they always were; a group names its buffers and the seeds as a thing to lower.
+    buffers = "The replay buffer needs" if k == 1 else f"The {k} replay buffers need"
+    frames_need = "The replay frames need" if k == 1 else f"The replay frames of {k} seeds need"
+    each = f"{n:,} transitions" + ("" if k == 1 else " per seed")
+    fewer_steps = "train for fewer --num_train_steps" + ("" if k == 1 else ", train fewer seeds at once")
+    last_or = " or" if k == 1 else ","
+    last_or += " train for fewer --num_train_steps" + ("" if k == 1 else " or train fewer seeds at once")
 
     placement = functools.partial(
         ReplayPlacement,
@@ -208,40 +231,51 @@ def place_replay(
         host_available=host_available,
         gpu_free=gpu_free,
         gpu_reserve=gpu_reserve,
+        num_seeds=k,
     )
-    on_gpu = on_cuda and (gpu_room is None or frame_bytes <= gpu_room) and fits_host(other_bytes)
+    on_gpu = on_cuda and (gpu_room is None or k * frame_bytes <= gpu_room) and fits_host(k * other_bytes)
     if on_cuda and (requested == "cuda" or (requested == "auto" and on_gpu)):
         if not on_gpu:
             raise SacaeError(
-                f"The replay frames need {frame_bytes / 1e9:.1f} GB for {n:,} transitions but {device} has "
+                f"{frames_need} {k * frame_bytes / 1e9:.1f} GB for {each} but {device} has "
                 f"{(gpu_free or 0) / 1e9:.1f} GB free (keeping {gpu_reserve / 1e9:.1f} GB for the "
-                f"networks); lower --replay_buffer_capacity to at most {gpu_fits_at_most():,}, train for fewer "
-                f"--num_train_steps or use --replay_device host."
+                f"networks); lower --replay_buffer_capacity to at most {gpu_fits_at_most():,}, {fewer_steps} "
+                f"or use --replay_device host."
             )
         return placement(frames_device=device)
     if fits_host(needed):
         return placement(frames_device=torch.device("cpu"))
     if on_cuda and requested == "auto":
         raise SacaeError(
-            f"The replay buffer needs {needed / 1e9:.1f} GB for {n:,} transitions ({per / 1e3:.1f} KB each) but "
+            f"{buffers} {needed / 1e9:.1f} GB for {each} ({per / k / 1e3:.1f} KB each) but "
             f"neither {device} ({(gpu_free or 0) / 1e9:.1f} GB free, keeping {gpu_reserve / 1e9:.1f} GB) "
             f"nor this machine ({host_available / 1e9:.1f} GB available, keeping {host_kept}) "
-            f"can hold it; lower --replay_buffer_capacity to at most {max(gpu_fits_at_most(), host_fits_at_most()):,} "
-            f"or train for fewer --num_train_steps."
+            f"can hold it; lower --replay_buffer_capacity to at most {max(gpu_fits_at_most(), host_fits_at_most()):,}"
+            f"{last_or}."
         )
     raise SacaeError(
-        f"The replay buffer needs {needed / 1e9:.1f} GB for {n:,} transitions ({per / 1e3:.1f} KB each) but this "
+        f"{buffers} {needed / 1e9:.1f} GB for {each} ({per / k / 1e3:.1f} KB each) but this "
         f"machine has {host_available / 1e9:.1f} GB available (keeping {host_kept}); "
-        f"lower --replay_buffer_capacity to at most {host_fits_at_most():,} or train for fewer --num_train_steps."
+        f"lower --replay_buffer_capacity to at most {host_fits_at_most():,}{last_or}."
     )
 
 
 def check_fits(
-    cfg: TrainConfig, device: torch.device, frame_shape: tuple[int, ...], frame_itemsize: int, action_dim: int
+    cfg: TrainConfig,
+    device: torch.device,
+    frame_shape: tuple[int, ...],
+    frame_itemsize: int,
+    action_dim: int,
+    num_seeds: int = 1,
+    held_bytes: int = 0,
 ) -> ReplayPlacement:
     """Where the replay frames will live and the bytes they need; SacaeError before anything is allocated when the
     replay buffer, the networks (with gradients, Adam moments and target copies) and one update's activations do
-    not fit (GPU memory free now, host memory available now), naming the flag to lower."""
+    not fit (GPU memory free now, host memory available now), naming the flag to lower.
+
+    `num_seeds`: the seeds of a group (`sacae train-seeds`), each with its own buffer and networks, all counted.
+    `held_bytes`: memory on `device` that the networks being sized already hold (built before this check), counted
+    as free again since the estimate counts them."""
     check_replay_device(cfg, device)
     n = replay_transitions(cfg)
     stack = cfg.frame_stack if cfg.pixels else 1
@@ -251,8 +285,13 @@ def check_fits(
     obs_shape = (frame_shape[0] * stack, *frame_shape[1:])
     agent = agent_memory(cfg, obs_shape, action_dim)
     gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    host_available = available_memory_bytes()
+    if held_bytes and gpu_free is not None:
+        gpu_free += held_bytes
+    elif held_bytes and host_available is not None and device.type == "cpu":
+        host_available += held_bytes
     return place_replay(
-        cfg.replay_device, device, n, frame_bytes, other_bytes, available_memory_bytes(), gpu_free, agent
+        cfg.replay_device, device, n, frame_bytes, other_bytes, host_available, gpu_free, agent, num_seeds
     )
 
 

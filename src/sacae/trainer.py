@@ -33,16 +33,11 @@ from sacae import faults
 from sacae.agent import GroupAgent, SacAeAgent, seed_generator
 from sacae.checkpoint import CheckpointStore, numpy_legacy_state, numpy_legacy_tuple, to_arrays, to_tensors
 from sacae.config import EXECUTION_FIELDS, TrainConfig, resolve
+from sacae.env_pool import EnvPool
 from sacae.envs import DMCEnv, make_env
 from sacae.errors import NumericalError, RunStopped, SacaeError
 from sacae.logger import Logger, count
-from sacae.placement import (
-    MEMORY_RESERVE_BYTES,
-    available_memory_bytes,
-    check_replay_device,
-    check_replay_fits,
-    replay_transitions,
-)
+from sacae.placement import ReplayPlacement, check_replay_device, check_replay_fits, replay_transitions
 from sacae.process import configure_process, describe_session
 from sacae.replay import ReplayBuffer
 from sacae.rundir import (
@@ -151,6 +146,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 LOCK_WAIT_SECONDS = 150.0
 
 
+# Which workers step a group's environments (`EnvPool`'s `workers`): auto (the default), serial, threads or processes.
+ENV_WORKERS_VARIABLE = "SACAE_ENV_WORKERS"
+
+
+def env_workers() -> str:
+    """The pools' workers: $SACAE_ENV_WORKERS, else auto (`sacae.env_pool.default_workers`)."""
+    value = os.environ.get(ENV_WORKERS_VARIABLE) or "auto"
+    if value not in ("auto", "serial", "threads", "processes"):
+        raise SacaeError(f"{ENV_WORKERS_VARIABLE}={value} is not a kind of worker; use auto, serial, threads or "
+                         "processes.")  # fmt: skip
+    return value
+
+
 def seed_dir(runs_dir: str | Path, cfg: TrainConfig, seed: int) -> Path:
     """RUNS_DIR/<task>/<configuration>/seed_<seed>, the layout of `sacae sweep` and `sacae report`."""
     return Path(runs_dir) / cfg.env_name / cfg.configuration / f"seed_{seed}"
@@ -177,14 +185,16 @@ class SeedRun:
         self.earlier_sessions: list[dict[str, Any]] = []  # one record per earlier session (process) of this run
         self.reopened_finished_run = False
 
-    def build(self, device: torch.device, group: bool) -> None:
+    def build(self, device: torch.device, group: bool, env: Any = None, eval_env: Any = None) -> None:
         """Environments, replay RNGs, agent (and, in a group, the torch generator of its noise), in the order of a
-        run of its own, so that every random stream starts where it starts there."""
+        run of its own, so that every random stream starts where it starts there. `env` and `eval_env` are the
+        seed's environments in the group's pools (`pool.envs[i]`), else they are built here; building one draws
+        from no global random stream, so either way the streams start where a run of its own starts them."""
         cfg = self.cfg
         self.device = device
         seed_everything(cfg.seed)
-        self.env = make_env(cfg, seed=cfg.seed)
-        self.eval_env = make_env(cfg, seed=cfg.seed)
+        self.env = make_env(cfg, seed=cfg.seed) if env is None else env
+        self.eval_env = make_env(cfg, seed=cfg.seed) if eval_env is None else eval_env
         spec = self.env.spec
         itemsize = np.dtype(spec.obs_dtype).itemsize
         self.placement = check_replay_fits(cfg, device, spec.frame_shape, itemsize, spec.action_dim)
@@ -201,8 +211,10 @@ class SeedRun:
     def training(self) -> bool:
         return not self.finished and self.failed is None
 
-    def start_episode(self) -> None:
-        self.obs, _ = self.env.reset()
+    def start_episode(self, obs: np.ndarray | None = None) -> None:
+        """Begin an episode: reset the environment, or take `obs`, its first observation from a reset already done
+        (the group resets its seeds' environments together)."""
+        self.obs = self.env.reset()[0] if obs is None else obs
         self.replay.start_episode(self.obs)
         self.episode_reward, self.episode_start, self.eval_seconds = 0.0, time.time(), 0.0
         self.episode += 1
@@ -251,9 +263,13 @@ class Trainer:
             configs = [cfg]
         else:
             cfg = resolve(TrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}))
-            check_group_config(cfg, seeds)
-            folders = [os.fspath(seed_dir(runs_dir or "runs", cfg, s)) for s in seeds]
-            configs = [dataclasses.replace(cfg, seed=s, work_dir=w) for s, w in zip(seeds, folders, strict=True)]
+            if cfg.resume is not None:  # the group's folder (or one seed's) and its saved configurations
+                configs = load_group_resume_configs(cfg, seeds)
+                cfg, seeds = configs[0], [c.seed for c in configs]
+            else:
+                check_group_config(cfg, seeds)
+                folders = [os.fspath(seed_dir(runs_dir or "runs", cfg, s)) for s in seeds]
+                configs = [dataclasses.replace(cfg, seed=s, work_dir=w) for s, w in zip(seeds, folders, strict=True)]
         self.cfg = configs[0]
         self.schedule = Schedule(self.cfg)
         self.group = seeds is not None
@@ -269,12 +285,16 @@ class Trainer:
         check_installed(cfg.trackers)
 
         self.runs = [SeedRun(c) for c in configs]
-        for run in self.runs:
-            run.build(self.device, self.group)
+        self._build_runs()
         self.replay_placement = self.runs[0].placement
         self.replay_bytes = self.replay_placement.needed * len(self.runs)
         if self.group:
-            check_group_memory(self.runs[0], len(self.runs))
+            try:
+                self.replay_placement = check_group_memory(self.runs, self.device)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._close_envs()
+                raise
 
         locked: list[SeedRun] = []
         try:
@@ -289,6 +309,8 @@ class Trainer:
                 # Again under the lock: another process may have changed the folder since the first look.
                 start_over.append(check_work_dir(run.cfg, run.work_dir))
         except BaseException:
+            with contextlib.suppress(Exception):
+                self._close_envs()
             for run in locked:
                 run.lock.release()
             raise
@@ -338,6 +360,8 @@ class Trainer:
                 del run.agent  # the group agent holds the weights from here on
         except BaseException as e:
             message = str(e) if isinstance(e, SacaeError) else f"{type(e).__name__}: {e}"
+            with contextlib.suppress(Exception):
+                self._close_envs()
             for run in self.runs:
                 if is_run(run.work_dir) and not isinstance(e, KeyboardInterrupt):
                     with contextlib.suppress(Exception):
@@ -350,6 +374,40 @@ class Trainer:
                         run.logger.close()
                 run.lock.release()
             raise
+
+    def _build_runs(self) -> None:
+        """Build every seed (`SeedRun.build`) with its environments in the group's two pools: `env_pool` holds each
+        seed's training environment, `eval_pool` its evaluation one (environment i is seed i's). Two pools of N
+        rather than one of 2N: for one seed each holds one environment, which `workers="auto"` builds and calls
+        here, exactly as a run of its own. The pools are closed again if anything fails."""
+        workers = env_workers()
+        configs = [run.cfg for run in self.runs]
+        pixels = self.cfg.pixels
+        self.env_pool: EnvPool | None = None
+        self.eval_pool: EnvPool | None = None
+        try:
+            makers = [functools.partial(make_env, c, seed=c.seed) for c in configs]
+            self.env_pool = EnvPool(makers, workers=workers, pixels=pixels)
+            self.eval_pool = EnvPool(makers, workers=workers, pixels=pixels)
+            for run, env, eval_env in zip(self.runs, self.env_pool.envs, self.eval_pool.envs, strict=True):
+                run.build(self.device, self.group, env, eval_env)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._close_envs()
+            raise
+
+    def _close_envs(self) -> None:
+        """Close both pools, each environment on its worker (worker processes end); again: nothing. Raises the
+        first error once both are closed."""
+        errors = []
+        for pool in (getattr(self, "env_pool", None), getattr(self, "eval_pool", None)):
+            if pool is not None:
+                try:
+                    pool.close()
+                except Exception as e:
+                    errors.append(e)
+        if errors:
+            raise errors[0]
 
     @staticmethod
     def _start_over(run: SeedRun) -> None:
@@ -391,13 +449,15 @@ class Trainer:
                 remove_outputs(run.work_dir, ("tb",))
                 sizes[id(run)] = {"train": 0, "eval": 0}
             return list(sizes.values())
-        for run, (state, replay) in zip(runs, loaded, strict=True):
+        # Every environment rebuilds its episode in progress at once, each on its worker.
+        observations = self.env_pool.set_state([to_arrays(x[0]["env"]) for x in loaded], self._env_indices(runs))
+        for run, (state, replay), obs in zip(runs, loaded, observations, strict=True):
             run.replay = replay
             run.resumed_from = run.store.states()[0]
             run.agent.load_state_dict(state["agent"])
             run.metrics_state = state["metrics"]
             run.set_rng_state(state["rng"])
-            run.obs = run.env.set_state(to_arrays(state["env"]))
+            run.obs = obs
             run.episode, run.episode_reward = state["episode"], state["episode_reward"]
             run.finished = state["finished"]
             run.resumes = state["resumes"] + (0 if run.finished else 1)
@@ -543,16 +603,19 @@ class Trainer:
                   file=sys.stderr, flush=True)  # fmt: skip
 
     def close(self) -> None:
-        """Stop the update worker, close the logs and let another process train in the folders (run() does this
-        when it ends)."""
+        """Stop the update worker, close the environments (their worker processes end), close the logs and let
+        another process train in the folders (run() does this when it ends)."""
         if self._update_worker is not None:
             self._update_worker.shutdown(wait=True)
             self._update_worker = None
-        for run in self.runs:
-            try:
-                run.logger.close(finished=run.finished)
-            finally:
-                run.lock.release()
+        try:
+            self._close_envs()
+        finally:
+            for run in self.runs:
+                try:
+                    run.logger.close(finished=run.finished)
+                finally:
+                    run.lock.release()
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal == signal.SIGINT and signum == signal.SIGINT:
@@ -595,9 +658,7 @@ class Trainer:
             runs = self.training_runs
             if not runs:
                 return
-            for run in runs:
-                if run.obs is None:
-                    run.start_episode()
+            self._start_episodes(runs)
             if schedule.seed_phase(t):
                 actions = [run.env.sample_action(run.action_rng) for run in runs]
             else:
@@ -613,21 +674,30 @@ class Trainer:
                         return
             self.pending = PendingStep(actions, schedule.updates_at(t))
         else:
-            for run in self.training_runs:
-                if run.obs is None:  # resumed inside a step whose episode the environment could not replay
-                    run.start_episode()
+            # Resumed inside a step whose episode the environment could not replay.
+            self._start_episodes(self.training_runs)
         runs = self.training_runs
         pending = self.pending
+        pool, indices = self.env_pool, self._env_indices(runs)
         in_flight = None
-        if self.overlap and pending.updates == 1 and pending.done == 0:
-            in_flight = self._launch_update()
-        elif not self._run_updates(pending):
-            return  # stopped inside the burst
-
+        stepping = False  # a step_async of the pool awaits its step_wait
         dones = []
         try:
-            for run, action in zip(runs, pending.actions, strict=True):
-                next_obs, reward, terminated, truncated, _ = run.env.step(action)
+            if self.overlap and pending.updates == 1 and pending.done == 0:
+                # Worker processes step from step_async on; without workers step_async steps at once, so there the
+                # update goes first, to run in its thread beside the stepping.
+                if pool.workers != "serial":
+                    pool.step_async(pending.actions, indices)
+                    stepping = True
+                in_flight = self._launch_update()
+            elif not self._run_updates(pending):
+                return  # stopped inside the burst
+            if not stepping:
+                pool.step_async(pending.actions, indices)
+            stepping = False
+            results = pool.step_wait()  # the seeds' environments stepped together, in the order of `runs`
+            for run, action, result in zip(runs, pending.actions, results, strict=True):
+                next_obs, reward, terminated, truncated, _ = result
                 faults.reached("env_step")
                 run.episode_reward += reward
                 # The time limit is a truncation: keep bootstrapping through it (not_done = 1).
@@ -635,6 +705,9 @@ class Trainer:
                 run.obs = next_obs
                 dones.append(terminated or truncated)
         except BaseException:
+            if stepping:
+                with contextlib.suppress(BaseException):
+                    pool.step_wait()  # the pool's next call needs it
             if in_flight is not None:
                 wait([in_flight])  # never leave the agent changing behind an error
             raise
@@ -652,6 +725,18 @@ class Trainer:
                 duration = time.time() - run.episode_start - run.eval_seconds
                 self._log_train_episode(run, run.episode_reward, duration)
                 run.obs = None
+
+    def _env_indices(self, runs: Sequence[SeedRun]) -> list[int]:
+        """The places of `runs`' environments in the pools (seed i's are environment i of each)."""
+        return [self.runs.index(run) for run in runs]
+
+    def _start_episodes(self, runs: Sequence[SeedRun]) -> None:
+        """Start an episode for each of `runs` that is between episodes, their environments reset together."""
+        starting = [run for run in runs if run.obs is None]
+        if starting:
+            results = self.env_pool.reset(indices=self._env_indices(starting))
+            for run, (obs, _) in zip(starting, results, strict=True):
+                run.start_episode(obs)
 
     def _batches(self) -> list:
         return [run.replay.sample(self.cfg.batch_size) for run in self.training_runs]
@@ -798,24 +883,25 @@ class Trainer:
         self.agent.train(False)
         video = cfg.save_video
         returns: list[list[float]] = [[] for _ in runs]
+        indices = self._env_indices(runs)
         for episode in range(cfg.num_eval_episodes):
-            obs = []
-            for run in runs:
-                obs.append(run.eval_env.reset(seed=eval_seed(run.seed, self.env_steps) if episode == 0 else None)[0])
-                if episode == 0 and video:
+            seeds = [eval_seed(run.seed, self.env_steps) if episode == 0 else None for run in runs]
+            obs = [first for first, _ in self.eval_pool.reset(seeds=seeds, indices=indices)]
+            if episode == 0 and video:
+                for run in runs:
                     run.video.init()
-                    run.video.record(run.eval_env)
+                    run.video.record(run.eval_env)  # renders on the environment's worker
             totals, done = [0.0] * len(runs), [False] * len(runs)
             while not all(done):
                 actions = self.agent.act_seeds(obs, sample=False)
-                for i, run in enumerate(runs):
-                    if done[i]:
-                        continue
-                    obs[i], reward, terminated, truncated, _ = run.eval_env.step(actions[i])
+                going = [i for i in range(len(runs)) if not done[i]]
+                results = self.eval_pool.step([actions[i] for i in going], indices=[indices[i] for i in going])
+                for i, (next_obs, reward, terminated, truncated, _) in zip(going, results, strict=True):
+                    obs[i] = next_obs
                     totals[i] += reward
                     done[i] = terminated or truncated
                     if episode == 0 and video:
-                        run.video.record(run.eval_env)
+                        runs[i].video.record(runs[i].eval_env)
             for i, run in enumerate(runs):
                 if episode == 0 and video:
                     run.video.save(str(self.env_steps))
@@ -943,39 +1029,40 @@ def seed_console(seed: int, console=None):
 
 
 def check_group_config(cfg: TrainConfig, seeds: Sequence[int]) -> None:
-    """SacaeError for a seed list a group cannot train, and for what a group does not do."""
+    """SacaeError for a seed list a group cannot train. A group named by --seeds resumes when the same command runs
+    again; `sacae train-seeds --resume GROUP_DIR` resumes one by its folder (`load_group_resume_configs`), so
+    --resume here (a sweep's training flags) is refused."""
     if not seeds:
         raise SacaeError("--seeds needs at least one seed.")
     if len(set(seeds)) != len(seeds):
         raise SacaeError(f"--seeds lists a seed twice ({' '.join(map(str, seeds))}).")
     if cfg.resume is not None:
         raise SacaeError(
-            "sacae train-seeds resumes its seeds when the same command runs again; drop --resume (it names one run)."
-        )
-    trackers = [name for name in cfg.trackers if name != "tensorboard"]
-    if trackers:
-        raise SacaeError(
-            f"Multi-seed runs log to TensorBoard only; drop --logger {trackers[0]} (or train each seed with "
-            f"`sacae train`)."
+            f"A group of seeds resumes when the same command runs again; drop --resume {cfg.resume} (`sacae "
+            f"train-seeds --resume RUNS_DIR/<task>/<configuration>` resumes a group by its folder)."
         )
 
 
-def check_group_memory(run: SeedRun, num_seeds: int) -> None:
-    """SacaeError before training when this machine cannot hold the replay buffers of `num_seeds` seeds (each seed's
-    own check counted one)."""
-    placement = run.placement
-    host = placement.other_bytes + (placement.frame_bytes if placement.frames_device.type == "cpu" else 0)
-    needed = host * num_seeds
-    available = available_memory_bytes()
-    if available is not None and needed > available - MEMORY_RESERVE_BYTES:
-        n = placement.transitions
-        fits = max(0, int((available - MEMORY_RESERVE_BYTES) / (host / n) / num_seeds))
-        raise SacaeError(
-            f"The {num_seeds} replay buffers need {needed / 1e9:.1f} GB ({host / 1e9:.1f} GB each for {n:,} "
-            f"transitions) but this machine has {available / 1e9:.1f} GB available (keeping "
-            f"{MEMORY_RESERVE_BYTES / 1e9:.1f} GB free); lower --replay_buffer_capacity to at most {fits:,}, "
-            f"train for fewer --num_train_steps or train fewer seeds at once."
-        )
+def check_group_memory(runs: Sequence[SeedRun], device: torch.device) -> ReplayPlacement:
+    """Where a group's replay frames live, sized for all its seeds (each seed's own check counted one): every
+    seed's replay buffer and networks (with their update) in host or GPU memory, so that `auto` puts the frames on
+    the GPU only when every seed's fit there; SacaeError before training otherwise. Sets each seed's placement."""
+    run = runs[0]
+    spec = run.env.spec
+    if device.type == "cuda":
+        # The seeds' networks, built already, hold memory that the free figure now lacks and the estimate counts.
+        held = torch.cuda.memory_reserved(device)
+    else:
+        # (the actor shares the critic's convolutions: each tensor once)
+        tensors = {id(t): t for r in runs for net in r.agent.networks().values() for t in [*net.parameters(),
+                                                                                         *net.buffers()]}  # fmt: skip
+        held = sum(t.numel() * t.element_size() for t in tensors.values())
+    placement = check_replay_fits(
+        run.cfg, device, spec.frame_shape, np.dtype(spec.obs_dtype).itemsize, spec.action_dim, len(runs), held
+    )
+    for r in runs:
+        r.placement = placement
+    return placement
 
 
 def check_work_dir(cfg: TrainConfig, work: Path) -> bool:
@@ -1034,9 +1121,75 @@ def load_resume_config(cfg: TrainConfig) -> TrainConfig:
     if not (run_dir / "config.json").exists():
         raise SacaeError(f"--resume {run_dir}: the folder has no config.json, so it is not a sacae run.")
     saved = TrainConfig.load(run_dir / "config.json")
+    return dataclasses.replace(saved, work_dir=os.fspath(run_dir), **execution_overrides(cfg))
+
+
+def execution_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The execution flags (EXECUTION_FIELDS) that `cfg`, a command line, sets away from their defaults."""
     defaults = TrainConfig()
-    given = {k: getattr(cfg, k) for k in EXECUTION_FIELDS if getattr(cfg, k) != getattr(defaults, k)}
-    return dataclasses.replace(saved, work_dir=os.fspath(run_dir), **given)
+    return {k: getattr(cfg, k) for k in EXECUTION_FIELDS if getattr(cfg, k) != getattr(defaults, k)}
+
+
+def load_group_resume_configs(cfg: TrainConfig, seeds: Sequence[int] = ()) -> list[TrainConfig]:
+    """With `sacae train-seeds --resume GROUP_DIR`: the saved configurations of the group's seeds, one per subfolder
+    of GROUP_DIR (RUNS_DIR/<task>/<configuration>, holding seed_<i>/) that holds a config.json, in seed order; with
+    `seeds`, those seeds only (each must be there), in that order. A seed folder (one holding config.json) names
+    that seed of its group, the folder above it (with `seeds`: the group, those seeds). The seeds' configurations
+    must agree except for seed and work dir; execution flags set away from their defaults on this command line
+    replace the saved ones, as `load_resume_config` does for one run. SacaeError, one sentence, otherwise."""
+    given = Path(cfg.resume)
+    flag = f"--resume {given}"
+    if not given.is_dir():
+        raise SacaeError(f"{flag}: there is no such folder.")
+    group_dir = given
+    if (given / "config.json").is_file():  # one seed's folder: its group is the folder above
+        group_dir = given.parent
+        if not seeds:
+            seeds = [TrainConfig.load(given / "config.json").seed]
+    found: dict[int, tuple[Path, TrainConfig]] = {}
+    for folder in sorted(p for p in group_dir.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+        saved = TrainConfig.load(folder / "config.json")
+        if saved.seed in found:
+            raise SacaeError(
+                f"{flag}: {found[saved.seed][0].name} and {folder.name} both hold a run of seed {saved.seed}, so the "
+                f"group is ambiguous; move one of them out of {group_dir}."
+            )
+        found[saved.seed] = (folder, saved)
+    if not found:
+        inner = sorted(p.name for p in group_dir.iterdir() if p.is_dir() and any(p.glob("*/config.json")))
+        name = f"its subfolders {', '.join(inner[:4])} hold groups: name one" if inner else "name a group's folder"
+        raise SacaeError(
+            f"{flag}: the folder holds no seed folders (subfolders with a config.json); {name}, "
+            f"RUNS_DIR/<task>/<configuration>."
+        )
+    check_group_config(dataclasses.replace(cfg, resume=None), list(seeds or found))
+    missing = [s for s in seeds if s not in found]
+    if missing:
+        have = f"seed{'s' if len(found) > 1 else ''} {' '.join(str(s) for s in sorted(found))}"
+        raise SacaeError(
+            f"{flag} --seeds: the group in {group_dir} has no seed {missing[0]} (it holds {have}); list only those, "
+            f"or drop --seeds to resume them all."
+        )
+    chosen = list(seeds) if seeds else sorted(found)
+    overrides = execution_overrides(cfg)
+    first_dir, first = found[chosen[0]]
+    ignored = {"seed", "work_dir", *overrides}
+    for s in chosen[1:]:
+        folder, saved = found[s]
+        differ = [k for k, v in saved.to_dict().items() if k not in ignored and first.to_dict()[k] != v]
+        if not differ:
+            continue
+        shown = ", ".join(f"--{k} {getattr(first, k)} ({folder.name}: {getattr(saved, k)})" for k in differ[:4])
+        if all(k in EXECUTION_FIELDS for k in differ):
+            raise SacaeError(
+                f"{flag}: {first_dir.name} and {folder.name} last ran with different execution flags ({shown}); give "
+                f"{' '.join(f'--{k}' for k in differ)} on this command line to choose the group's."
+            )
+        raise SacaeError(
+            f"{flag}: {first_dir.name} and {folder.name} hold different configurations ({shown}), so they are not one "
+            f"group; resume each with `sacae train --resume SEED_DIR`, or list --seeds that agree."
+        )
+    return [resolve(dataclasses.replace(found[s][1], work_dir=os.fspath(found[s][0]), **overrides)) for s in chosen]
 
 
 def len_fmt(nbytes: float) -> str:
