@@ -150,6 +150,7 @@ def test_a_compiled_run_killed_and_resumed_is_identical(tmp_path, compiled_refer
     assert_same_run(work, compiled_reference)
 
 
+@pytest.mark.slow  # a whole compiled run, compiled anew
 def test_a_compiled_run_recompiles_over_a_cache_that_a_killed_compile_left(tmp_path, compiled_reference):
     """A process killed while compiling leaves truncated kernels in Inductor's cache. A run that finds them compiles
     again in an empty cache, silently, and trains compiled to the end (to rounding what the compiled run writes:

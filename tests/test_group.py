@@ -204,7 +204,12 @@ def test_the_group_steps_its_environments_in_pools(tmp_path, monkeypatch):
         Trainer(cfg, seeds=[1, 2], runs_dir=tmp_path / "fibres")
 
 
-@pytest.mark.parametrize(("workers", "overlap"), [("serial", "off"), ("serial", "on"), ("processes", "on")])
+# The reference steps its environments in worker processes, overlap off. Serial stepping with the overlap runs
+# under -m slow: the two default cases already cover each way of stepping and the overlap.
+@pytest.mark.parametrize(
+    ("workers", "overlap"),
+    [("serial", "off"), pytest.param("serial", "on", marks=pytest.mark.slow), ("processes", "on")],
+)
 def test_the_group_is_the_same_whichever_workers_step_its_environments(tmp_path, reference, workers, overlap):
     """The reference group steps its environments in worker processes (auto, 3 pixel seeds) without overlap; stepped
     one after another on the trainer's thread, or with the update overlapped (its own thread beside the workers or

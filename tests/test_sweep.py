@@ -354,12 +354,22 @@ def one_sentence_error(capsys, argv) -> str:
         (["--seeds_per_process", "0"], "--seeds_per_process must lie in [1, 10], the number of seeds of each task"),
         (["--seeds_per_process", "-2"], "--seeds_per_process must lie in [1, 10]"),
         (["--seeds", "4", "5", "--seeds_per_process", "3"], "--seeds_per_process must lie in [1, 2]"),
-        (["--seeds_per_process", "2", "--", "--logger", "wandb"], "Multi-seed runs log to TensorBoard only"),
     ],
 )
 def test_bad_sweeps(capsys, tmp_path, extra, expected):
     line = one_sentence_error(capsys, ["sweep", "--tasks", TASK, "--runs_dir", str(tmp_path), "--dry_run", *extra])
     assert expected in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_seeds_in_one_process_take_every_tracker(capsys, tmp_path):
+    """A group logs to wandb and MLflow as single runs do (each seed with runs of its own): the sweep passes the
+    trackers on to every process of two seeds."""
+    argv = ["sweep", "--tasks", TASK, "--runs_dir", str(tmp_path), "--dry_run", "--seeds_per_process", "2"]
+    assert main([*argv, "--", "--logger", "wandb,mlflow"]) == 0
+    out, _ = capsys.readouterr()
+    starts = [line for line in out.splitlines() if "would start:" in line]
+    assert len(starts) == 5 and all("train-seeds" in s and "--logger wandb,mlflow" in s for s in starts), out
     assert not any(tmp_path.iterdir())
 
 
