@@ -23,15 +23,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from sacae.config import TrainConfig, resolve
+from sacae.config import CONFIGURATIONS, TrainConfig, resolve
 from sacae.errors import SacaeError
 from sacae.process import configure_process, processor_name
 
-CONFIGURATIONS = {
-    "sac_ae": {"encoder_type": "pixel", "decoder_type": "pixel"},
-    "sac_pixel": {"encoder_type": "pixel", "decoder_type": "identity"},
-    "sac_states": {"encoder_type": "identity", "decoder_type": "identity"},
-}
 MEASUREMENTS = ("update", "env", "train", "group")
 GROUP_REPLAY_CAPACITY = 10_000
 
@@ -97,7 +92,8 @@ def _config(args: BenchArgs, configuration: str, work_dir: str, **overrides) -> 
     return resolve(TrainConfig(**values))
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's), so that a timer around it measures the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -162,10 +158,10 @@ def time_updates(
         replay.add(rng.uniform(-1, 1, spec.action_dim), float(rng.random()), random_obs(), 1.0)
     seconds = []
     for i in range(args.warmup + args.updates):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         update(replay.sample(cfg.batch_size), i)  # alternate steps: the actor runs on every second one
-        _sync(device)
+        sync_device(device)
         if i >= args.warmup:
             seconds.append(time.perf_counter() - t0)
     env.close()
@@ -227,12 +223,12 @@ def time_training(args: BenchArgs, overlap: Literal["on", "off"] = "off") -> dic
         trainer.logger.console_write = lambda line: None
         for _ in range(args.warmup + 1):
             trainer.step()
-        _sync(trainer.device)
+        sync_device(trainer.device)
         _reset_peak(trainer.device)
         t0 = time.perf_counter()
         for _ in range(args.train_steps):
             trainer.step()
-        _sync(trainer.device)
+        sync_device(trainer.device)
         elapsed = time.perf_counter() - t0
         device = trainer.device
         trainer.close()

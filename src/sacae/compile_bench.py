@@ -16,16 +16,11 @@ import time
 import torch
 
 from sacae.agent import SacAeAgent
-from sacae.bench import CONFIGURATIONS
-from sacae.config import TrainConfig
+from sacae.bench import sync_device
+from sacae.config import CONFIGURATIONS, TrainConfig
 from sacae.process import configure_process, processor_name
 from sacae.replay import random_batch
 from sacae.trainer import select_device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def compare(configuration: str, rounds: int = 5, block: int = 2, device: str = "cpu", **sizes) -> dict:
@@ -46,10 +41,10 @@ def compare(configuration: str, rounds: int = 5, block: int = 2, device: str = "
         nonlocal step
         seconds = []
         for _ in range(n):
-            _sync(dev)
+            sync_device(dev)
             t0 = time.perf_counter()
             agent.update(batches[step % len(batches)], step)
-            _sync(dev)
+            sync_device(dev)
             seconds.append(time.perf_counter() - t0)
             step += 1
         return seconds

@@ -44,6 +44,13 @@ EXECUTION_FIELDS = ("device", "num_threads", "overlap", "replay_device", "compil
 # dm_control episodes are 1000 simulator steps long.
 EPISODE_ENV_STEPS = 1000
 
+# The three configurations of the paper by name (TrainConfig.configuration), as the flags that make them.
+CONFIGURATIONS = {
+    "sac_ae": {"encoder_type": "pixel", "decoder_type": "pixel"},
+    "sac_pixel": {"encoder_type": "pixel", "decoder_type": "identity"},
+    "sac_states": {"encoder_type": "identity", "decoder_type": "identity"},
+}
+
 # The experiment trackers --logger may name (docs/trackers.md).
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sacae.config import TrainConfig, resolve
+from sacae.config import CONFIGURATIONS, TrainConfig, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -33,11 +33,6 @@ if TYPE_CHECKING:
 # torch is imported where it is used: the environments' worker processes import this module when it is the main one
 # (`python -m sacae.group_bench`), and need no torch.
 
-CONFIGURATIONS = {
-    "sac_ae": {"encoder_type": "pixel", "decoder_type": "pixel"},
-    "sac_pixel": {"encoder_type": "pixel", "decoder_type": "identity"},
-    "sac_states": {"encoder_type": "identity", "decoder_type": "identity"},
-}
 # How long the processes of a separate measurement may take to build their trainers and warm up.
 READY_TIMEOUT_S = 1800.0
 

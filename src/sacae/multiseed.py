@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sacae.agent import GroupAgent, SacAeAgent, seed_generator, stack_batches
-from sacae.config import TrainConfig
+from sacae.config import CONFIGURATIONS, TrainConfig
 from sacae.replay import Batch, random_batch
 from sacae.trainer import Trainer, check_group_config, seed_dir, select_device
 
@@ -42,12 +42,7 @@ def time_updates(
     """Median seconds of one SacAeAgent update and of one GroupAgent update of `num_seeds` seeds, timed in turn on
     random batches of the real shapes (state vectors of `obs_dim`, or 9x84x84 frame stacks; cheetah's sizes by
     default), and the seed-updates per second of each."""
-    variants = {
-        "sac_ae": dict(encoder_type="pixel", decoder_type="pixel"),
-        "sac_pixel": dict(encoder_type="pixel", decoder_type="identity"),
-        "sac_states": dict(encoder_type="identity", decoder_type="identity"),
-    }
-    cfg = TrainConfig(**{**variants[configuration], **overrides})
+    cfg = TrainConfig(**{**CONFIGURATIONS[configuration], **overrides})
     dev = select_device(device)
     obs_shape = (3 * cfg.frame_stack, cfg.image_size, cfg.image_size) if cfg.pixels else (obs_dim,)
     agents, generators = [], []
