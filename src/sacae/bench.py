@@ -212,30 +212,16 @@ def time_env(args: BenchArgs) -> dict:
 
 def time_training(args: BenchArgs, overlap: Literal["on", "off"] = "off") -> dict:
     """Steady agent steps/s of real sac_ae training (collection, update, replay) on the training task, through
-    Trainer.step, with the update and the environment step in sequence (off) or overlapped (on)."""
-    from sacae.trainer import Trainer
+    Trainer.step, with the update and the environment step in sequence (off) or overlapped (on): one seed's
+    `sacae train` trainer timed by `sacae.group_bench.time_group`."""
+    from sacae.group_bench import time_group
+    from sacae.trainer import select_device
 
     with tempfile.TemporaryDirectory() as work_dir:
-        steps = args.warmup + args.train_steps + 1
-        cfg = _config(args, "sac_ae", work_dir, task=args.train_task or args.task, init_steps=0, eval_freq=10**9,
-                      num_eval_episodes=0, num_train_steps=steps, overlap=overlap)  # fmt: skip
-        trainer = Trainer(cfg)
-        trainer.logger.console_write = lambda line: None
-        for _ in range(args.warmup + 1):
-            trainer.step()
-        sync_device(trainer.device)
-        _reset_peak(trainer.device)
-        t0 = time.perf_counter()
-        for _ in range(args.train_steps):
-            trainer.step()
-        sync_device(trainer.device)
-        elapsed = time.perf_counter() - t0
-        device = trainer.device
-        trainer.close()
-    agent_steps_per_s = args.train_steps / elapsed
-    result = {"agent_steps_per_s": agent_steps_per_s, "env_steps_per_s": agent_steps_per_s * cfg.action_repeat,
-              "action_repeat": cfg.action_repeat, "task": cfg.env_name}  # fmt: skip
-    return _with_peak(result, device)
+        cfg = _config(args, "sac_ae", work_dir, task=args.train_task or args.task, overlap=overlap)
+        row = time_group(cfg, 1, steps=args.train_steps, warmup=args.warmup, single=True)
+    result = {key: row[key] for key in ("agent_steps_per_s", "env_steps_per_s", "action_repeat")}
+    return _with_peak({**result, "task": cfg.env_name}, select_device(args.device))
 
 
 def time_group_seeds(args: BenchArgs, num_seeds: int) -> dict:

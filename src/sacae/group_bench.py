@@ -112,6 +112,8 @@ def time_group(
             for _ in range(warmup + 1):
                 trainer.step()
             _sync(trainer.device)
+            if trainer.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(trainer.device)  # the peak of the timed steps
             if start_file is not None:
                 Path(ready_file).touch()
                 _wait_for(Path(start_file))
